@@ -1,0 +1,182 @@
+"""Typed, validated settings from a TOML file plus environment variables.
+
+Secrets (the Discord token) come only from the environment. Any other key can be overridden by an
+environment variable named ``TAVERNKEEP_<SECTION>_<KEY>`` (e.g. ``TAVERNKEEP_DATABASE_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+GGUF_MAGIC = b"GGUF"
+ENV_PREFIX = "TAVERNKEEP_"
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is one line naming the file, the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    """The GGUF model and how llama.cpp runs it."""
+
+    path: str = Field("", description="GGUF file; empty uses the demo model")
+    n_ctx: int = Field(2048, ge=256, le=131072, description="context size in tokens")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads per worker; 0 = all cores / workers")
+    workers: int = Field(1, ge=1, le=16, description="worker threads, each with its own context")
+    gpu_layers: int = Field(0, ge=-1, le=1000, description="layers offloaded to a GPU; -1 = all")
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="reply length limit in tokens")
+    seed: int = Field(-1, ge=-1, description="sampling seed; -1 = random")
+
+    @field_validator("path")
+    @classmethod
+    def _model_file(cls, value: str) -> str:
+        if value:
+            check_model_file(Path(value).expanduser())
+        return value
+
+
+class SamplingSettings(_Section):
+    """Default sampling; channels may override within these ranges."""
+
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.1, ge=1.0, le=2.0)
+
+
+class EngineSettings(_Section):
+    """Generation queue limits."""
+
+    queue_size: int = Field(32, ge=1, le=10000, description="requests waiting across all channels")
+    per_channel_queue: int = Field(4, ge=1, le=100, description="requests waiting in one channel")
+    timeout_seconds: float = Field(300.0, gt=0, le=3600, description="time limit for one reply")
+
+
+class DatabaseSettings(_Section):
+    """Where conversations are stored."""
+
+    url: str = Field("sqlite+aiosqlite:///tavernkeep.db", min_length=1)
+
+
+class DiscordSettings(_Section):
+    """Discord connection; the token is read from DISCORD_TOKEN only."""
+
+    api_base_url: str = Field("", description="REST base URL, e.g. a rate-limit proxy; empty = Discord")
+    command_guilds: list[int] = Field(default_factory=list, description="guilds to sync commands to now")
+    ignore_prefix: str = Field("//", max_length=16, description="messages starting with it are not answered")
+    reply_mode: Literal["all", "mention"] = "all"
+
+
+class LoggingSettings(_Section):
+    """Log output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    """All settings."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+def check_model_file(path: Path) -> None:
+    """Raise ValueError unless `path` is a readable GGUF file."""
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"not a GGUF model file: {path}")
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Collect TAVERNKEEP_<SECTION>_<KEY> variables into a nested dict of raw strings."""
+    sections = {name: set(field.annotation.model_fields) for name, field in Settings.model_fields.items()}  # type: ignore[union-attr]
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        for section, keys in sections.items():
+            key = rest.removeprefix(section + "_")
+            if rest.startswith(section + "_") and key in keys:
+                raw: Any = value
+                if key == "command_guilds":
+                    raw = [part.strip() for part in value.split(",") if part.strip()]
+                out.setdefault(section, {})[key] = raw
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in over.items():
+        target = merged.setdefault(section, {})
+        if isinstance(target, dict):
+            target.update(values)
+    return merged
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif error["type"] != "value_error" and "input" in error and not isinstance(error["input"], dict):
+        message = f"{message} (got {error['input']!r})"
+    return key, message
+
+
+def load_settings(path: Path | None, env: dict[str, str] | None = None) -> Settings:
+    """Load settings from `path` (optional) and the environment; raise ConfigError on any problem."""
+    env = dict(os.environ) if env is None else env
+    source = str(path) if path else "environment"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    overrides = _env_overrides(env)
+    try:
+        return Settings.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        key, message = _describe(exc.errors()[0])
+        section = key.split(".")[0]
+        where = source
+        if section in overrides and key.split(".")[-1] in overrides[section]:
+            where = f"environment ({ENV_PREFIX}{key.replace('.', '_').upper()})"
+        raise ConfigError(f"{where}: {key}: {message}") from None
+
+
+def discord_token(env: dict[str, str] | None = None) -> str:
+    """Return DISCORD_TOKEN from the environment or raise ConfigError."""
+    env = dict(os.environ) if env is None else env
+    token = env.get("DISCORD_TOKEN", "").strip()
+    if not token:
+        raise ConfigError("DISCORD_TOKEN: environment variable is not set (the token is never read from a file)")
+    return token

@@ -1,0 +1,439 @@
+"""Generation engine: worker threads, each owning one model context, behind a fair asyncio queue.
+
+The event loop never runs model code. Each worker has a single-thread executor, so a context is only
+ever used from its own thread. Requests carry a key (the channel): one request per key runs at a
+time, keys take turns round-robin, and the wait is bounded in total and per key. Cancellation is
+checked between tokens because a ctypes call cannot be interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull, TavernError
+from bot.prompt import Conversation, MessageTooLarge, PromptTooLarge, Tokenizer, build_prompt, count_tokens
+from bot.stops import StopScanner, reply_stops
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["eos", "stop", "length", "cancelled", "timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling settings for one request."""
+
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What to generate: `key` serialises requests (one channel), `speakers` add `\\nName:` stops."""
+
+    key: str
+    conversation: Conversation
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    speakers: tuple[str, ...] = ()
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStats:
+    """Figures of one finished generation."""
+
+    prompt_tokens: int
+    turns_used: int
+    generated_tokens: int
+    first_token_seconds: float | None
+    seconds: float
+    stop_reason: StopReason
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of generation (after the first token)."""
+        if self.first_token_seconds is None or self.generated_tokens < 2:
+            return 0.0
+        span = self.seconds - self.first_token_seconds
+        return (self.generated_tokens - 1) / span if span > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The request waits; `position` 1 means it runs next."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A worker took the request and built its prompt."""
+
+    worker: int
+    prompt_tokens: int
+    turns_used: int
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A piece of reply text, already cut at stop strings."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of every generation."""
+
+    stats: GenerationStats
+
+
+Chunk = Queued | Started | Text | Finished
+
+
+class Backend(Protocol):
+    """Runs in one worker thread: a tokenizer plus a token generator over one model context."""
+
+    tokenizer: Tokenizer
+    n_ctx: int
+
+    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+        """Yield generated token ids for `prompt` (blocking)."""
+        ...
+
+    def piece(self, token: int) -> bytes:
+        """Return the bytes of one generated token."""
+        ...
+
+    def is_end(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model context."""
+        ...
+
+
+def run_generation(
+    backend: Backend,
+    request: GenerationRequest,
+    cancel: threading.Event,
+    emit: Callable[[Chunk], None],
+    worker: int = 0,
+) -> GenerationStats:
+    """Build the prompt and generate one reply on the calling thread, emitting chunks as they come."""
+    started = time.monotonic()
+    deadline = started + request.timeout if request.timeout else None
+    prompt = build_prompt(
+        backend.tokenizer, request.conversation, n_ctx=backend.n_ctx, max_new_tokens=request.max_new_tokens
+    )
+    emit(Started(worker, len(prompt.tokens), prompt.turns_used))
+    scanner = StopScanner(reply_stops(request.speakers))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    generated = 0
+    first_token: float | None = None
+    reason: StopReason = "length"
+    for token in backend.tokens(prompt.tokens, request.sampling):
+        if cancel.is_set():
+            reason = "cancelled"
+            break
+        if backend.is_end(token):
+            reason = "eos"
+            break
+        generated += 1
+        if first_token is None:
+            first_token = time.monotonic() - started
+        text = scanner.feed(decoder.decode(backend.piece(token)))
+        if text:
+            emit(Text(text))
+        if scanner.stopped:
+            reason = "stop"
+            break
+        if generated >= request.max_new_tokens:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            reason = "timeout"
+            break
+    if not scanner.stopped:
+        tail = scanner.feed(decoder.decode(b"", final=True)) + scanner.flush()
+        if tail:
+            emit(Text(tail))
+    return GenerationStats(
+        prompt_tokens=len(prompt.tokens),
+        turns_used=prompt.turns_used,
+        generated_tokens=generated,
+        first_token_seconds=first_token,
+        seconds=time.monotonic() - started,
+        stop_reason=reason,
+    )
+
+
+@dataclass(eq=False)
+class _Failure:
+    error: BaseException
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    events: asyncio.Queue[Chunk | _Failure] = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    position: int = 0
+    running: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    executor: ThreadPoolExecutor
+    backend: Backend
+
+
+class ModelLoadError(RuntimeError):
+    """A worker could not load the model (corrupt or unsupported file, out of memory)."""
+
+
+class Generation:
+    """A submitted request: iterate it for chunks; `cancel()` stops it (queued or running)."""
+
+    def __init__(self, engine: Engine, job: _Job) -> None:
+        self._engine = engine
+        self._job = job
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._job.done and self._job.events.empty():
+            raise StopAsyncIteration
+        event = await self._job.events.get()
+        if isinstance(event, _Failure):
+            self._job.done = True
+            raise event.error
+        if isinstance(event, Finished):
+            self._job.done = True
+        return event
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the request: drop it from the queue, or stop the worker at the next token."""
+        self._engine._cancel_job(self._job)
+
+
+class Engine:
+    """Fair, bounded, cancellable generation over a pool of worker threads."""
+
+    def __init__(
+        self,
+        backend_factory: Callable[[], Backend],
+        *,
+        workers: int = 1,
+        queue_size: int = 32,
+        per_key_queue: int = 4,
+        model_name: str = "model",
+    ) -> None:
+        self._factory = backend_factory
+        self._worker_count = workers
+        self.queue_size = queue_size
+        self.per_key_queue = per_key_queue
+        self.model_name = model_name
+        self.n_ctx = 0
+        self.last_stats: GenerationStats | None = None
+        self._workers: list[_Worker] = []
+        self._idle: deque[_Worker] = deque()
+        self._pending: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._running: dict[str, _Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def workers(self) -> int:
+        """Number of worker threads."""
+        return self._worker_count
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a worker."""
+        return sum(len(jobs) for jobs in self._pending.values())
+
+    @property
+    def running(self) -> int:
+        """Requests being generated now."""
+        return len(self._running)
+
+    async def start(self) -> None:
+        """Create one backend (model context) per worker, each inside its own thread."""
+        loop = asyncio.get_running_loop()
+        for index in range(self._worker_count):
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tavernkeep-worker-{index}")
+            try:
+                backend = await loop.run_in_executor(executor, self._factory)
+            except Exception as exc:
+                executor.shutdown(wait=False)
+                await self.close()
+                raise ModelLoadError(str(exc) or type(exc).__name__) from exc
+            self._workers.append(_Worker(index, executor, backend))
+            self._idle.append(self._workers[-1])
+        self.n_ctx = self._workers[0].backend.n_ctx if self._workers else 0
+
+    async def tokenize_count(self, text: str) -> int:
+        """Count the tokens of user-supplied text with the model's tokenizer (off the event loop)."""
+        worker = self._workers[0]
+        return await asyncio.get_running_loop().run_in_executor(
+            None, count_tokens, worker.backend.tokenizer, text
+        )
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Queue a request and return its chunk stream; raise a TavernError when it cannot be queued."""
+        if self._closed or not self._workers:
+            raise EngineClosed()
+        waiting = self.queue_depth
+        if waiting >= self.queue_size:
+            raise QueueFull(waiting)
+        own = len(self._pending.get(request.key, ()))
+        if own >= self.per_key_queue:
+            raise ChannelQueueFull(own)
+        job = _Job(request)
+        self._pending.setdefault(request.key, deque()).append(job)
+        self._dispatch()
+        return Generation(self, job)
+
+    def cancel_key(self, key: str) -> int:
+        """Cancel every queued and running request of `key`; return how many were cancelled."""
+        jobs = list(self._pending.get(key, ()))
+        if key in self._running:
+            jobs.append(self._running[key])
+        for job in jobs:
+            self._cancel_job(job)
+        return len(jobs)
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop taking work, cancel queued requests, let running ones finish for `grace` seconds, free models."""
+        self._closed = True
+        for jobs in list(self._pending.values()):
+            for job in list(jobs):
+                self._cancel_job(job)
+        if self._tasks:
+            _, still = await asyncio.wait(set(self._tasks), timeout=grace)
+            if still:
+                for job in self._running.values():
+                    job.cancel.set()
+                await asyncio.wait(still)
+        loop = asyncio.get_running_loop()
+        for worker in self._workers:
+            try:
+                await loop.run_in_executor(worker.executor, worker.backend.close)
+            finally:
+                worker.executor.shutdown(wait=False)
+        self._workers.clear()
+        self._idle.clear()
+
+    def _cancel_job(self, job: _Job) -> None:
+        if job.done:
+            return
+        if job.running:
+            job.cancel.set()
+            return
+        jobs = self._pending.get(job.request.key)
+        if jobs is not None and job in jobs:
+            jobs.remove(job)
+            if not jobs:
+                del self._pending[job.request.key]
+        job.done = True
+        job.events.put_nowait(Finished(GenerationStats(0, 0, 0, None, 0.0, "cancelled")))
+        self._announce_positions()
+
+    def _next_job(self) -> _Job | None:
+        for key, jobs in self._pending.items():
+            if key not in self._running:
+                job = jobs.popleft()
+                if jobs:
+                    self._pending.move_to_end(key)
+                else:
+                    del self._pending[key]
+                return job
+        return None
+
+    def _dispatch(self) -> None:
+        while self._idle and not self._closed:
+            job = self._next_job()
+            if job is None:
+                break
+            worker = self._idle.popleft()
+            job.running = True
+            self._running[job.request.key] = job
+            task = asyncio.get_running_loop().create_task(self._run(worker, job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._announce_positions()
+
+    def _dispatch_order(self) -> list[_Job]:
+        """Simulate the round-robin to tell each waiting job how many go before it."""
+        queues = OrderedDict((key, deque(jobs)) for key, jobs in self._pending.items())
+        order: list[_Job] = []
+        while queues:
+            key, jobs = next(iter(queues.items()))
+            order.append(jobs.popleft())
+            if jobs:
+                queues.move_to_end(key)
+            else:
+                del queues[key]
+        return order
+
+    def _announce_positions(self) -> None:
+        for position, job in enumerate(self._dispatch_order(), start=1):
+            if job.position != position:
+                job.position = position
+                job.events.put_nowait(Queued(position))
+
+    async def _run(self, worker: _Worker, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+
+        def emit(chunk: Chunk) -> None:
+            loop.call_soon_threadsafe(job.events.put_nowait, chunk)
+
+        try:
+            stats = await loop.run_in_executor(
+                worker.executor, run_generation, worker.backend, job.request, job.cancel, emit, worker.index
+            )
+        except TavernError as exc:
+            job.events.put_nowait(_Failure(exc))
+        except (PromptTooLarge, MessageTooLarge) as exc:
+            # The caller explains these with the numbers they carry.
+            job.events.put_nowait(_Failure(exc))
+        except Exception as exc:
+            log.exception("generation failed (key=%s, worker=%d)", job.request.key, worker.index)
+            failure = GenerationFailed()
+            failure.__cause__ = exc
+            job.events.put_nowait(_Failure(failure))
+        else:
+            self.last_stats = stats
+            if stats.stop_reason == "cancelled":
+                log.info("generation cancelled (key=%s)", job.request.key)
+            job.events.put_nowait(Finished(stats))
+        finally:
+            job.running = False
+            job.done = True
+            self._running.pop(job.request.key, None)
+            self._idle.append(worker)
+            self._dispatch()

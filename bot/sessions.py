@@ -1,0 +1,177 @@
+"""Channel sessions: store turns, build the request from the stored window, stream and store replies.
+
+This is the one path both front ends use: the terminal chat and the Discord cogs call it alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from bot.config import Settings
+from bot.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
+from bot.prompt import Conversation, PromptTurn
+from bot.stops import clean_reply
+from persistence.records import ChannelSession, Role, Turn, TurnStatus
+from persistence.repository import Repository
+
+log = logging.getLogger(__name__)
+
+SYSTEM_TEMPLATE = "Enter roleplay mode. You must act as {name}, whose persona follows:\n{persona}"
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+# Every turn costs at least its role marker and one token, so more than n_ctx // 4 turns never fit.
+MIN_TOKENS_PER_TURN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Speaker:
+    """Who wrote a user turn."""
+
+    id: int | None
+    name: str
+
+
+def system_prompt(session: ChannelSession) -> str:
+    """The system block for a session: the SillyTavern Metharme preamble plus the persona."""
+    name = session.persona_name or "the character"
+    return SYSTEM_TEMPLATE.format(name=name, persona=session.persona_text.strip())
+
+
+def conversation_for(session: ChannelSession, turns: list[Turn], *, continue_last: bool = False) -> Conversation:
+    """Turn stored turns into the prompt builder's conversation."""
+    prompt_turns = tuple(
+        PromptTurn(role="user", text=turn.content, speaker=turn.author_name or "User")
+        if turn.role is Role.USER
+        else PromptTurn(role="model", text=turn.content)
+        for turn in turns
+        if turn.role in (Role.USER, Role.MODEL) and turn.content
+    )
+    return Conversation(system=system_prompt(session), turns=prompt_turns, continue_last=continue_last)
+
+
+class ReplyStream:
+    """A reply being generated: iterate for chunks, then `save()` what it produced."""
+
+    def __init__(
+        self,
+        service: ChatService,
+        session: ChannelSession,
+        request: GenerationRequest,
+        *,
+        prefix: str = "",
+        continues: Turn | None = None,
+    ) -> None:
+        self._service = service
+        self.session = session
+        self.request = request
+        self.prefix = prefix
+        self.continues = continues
+        self.raw = ""
+        self.stats: GenerationStats | None = None
+        self._generation = service.engine.generate(request)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        async for chunk in self._generation:
+            if isinstance(chunk, Text):
+                self.raw += chunk.text
+            elif isinstance(chunk, Finished):
+                self.stats = chunk.stats
+            yield chunk
+
+    @property
+    def text(self) -> str:
+        """The reply so far (whole reply for a continuation), cut at stops and trimmed."""
+        return clean_reply(self.prefix + self.raw, self.request.speakers)
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the reply was cut short by cancellation or the time limit."""
+        return self.stats is None or self.stats.stop_reason in ("cancelled", "timeout")
+
+    def cancel(self) -> None:
+        """Stop generating at the next token."""
+        self._generation.cancel()
+
+    async def save(self, message_ids: tuple[int, ...] = ()) -> Turn | None:
+        """Store the reply as a model turn (or extend the continued one); None when it is empty."""
+        text = self.text
+        status = TurnStatus.INTERRUPTED if self.interrupted else TurnStatus.COMPLETE
+        repo = self._service.repo
+        if self.continues is not None:
+            turn = await repo.edit_turn(self.continues.id, text, status=status)
+            if turn is not None and message_ids:
+                await repo.add_turn_messages(turn.id, message_ids)
+            return turn
+        if not text:
+            return None
+        return await repo.append_turn(
+            self.session.id, Role.MODEL, text, author_name="", message_ids=message_ids, status=status
+        )
+
+
+class ChatService:
+    """Roleplay conversations over the repository and the engine."""
+
+    def __init__(self, repo: Repository, engine: Engine, settings: Settings) -> None:
+        self.repo = repo
+        self.engine = engine
+        self.settings = settings
+
+    @property
+    def window_turns(self) -> int:
+        """How many stored turns are read to build a prompt (more can never fit)."""
+        return max(8, self.engine.n_ctx // MIN_TOKENS_PER_TURN)
+
+    def sampling_for(self, session: ChannelSession) -> Sampling:
+        """Config defaults with the channel's overrides applied."""
+        values: dict[str, Any] = self.settings.sampling.model_dump()
+        values.update({k: v for k, v in session.settings.items() if k in SAMPLING_KEYS})
+        seed = self.settings.model.seed
+        return Sampling(**values, seed=seed if seed >= 0 else None)
+
+    def max_new_tokens_for(self, session: ChannelSession) -> int:
+        """Reply length limit for the channel."""
+        return int(session.settings.get("max_new_tokens", self.settings.model.max_new_tokens))
+
+    async def add_user_turn(
+        self, session: ChannelSession, speaker: Speaker, text: str, *, message_id: int | None = None
+    ) -> Turn:
+        """Store a user's message as a turn (before any generation starts)."""
+        ids = (message_id,) if message_id is not None else ()
+        return await self.repo.append_turn(
+            session.id, Role.USER, text, author_id=speaker.id, author_name=speaker.name, message_ids=ids
+        )
+
+    async def reply(self, session: ChannelSession) -> ReplyStream:
+        """Start a reply to the session's stored history (queued fairly with other channels)."""
+        turns = await self.repo.recent_turns(session.id, self.window_turns)
+        return self._stream(session, turns, continue_last=False)
+
+    async def continue_reply(self, session: ChannelSession, turn: Turn) -> ReplyStream:
+        """Extend the model turn `turn` (the latest one) with more text."""
+        turns = await self.repo.recent_turns(session.id, self.window_turns)
+        stream = self._stream(session, turns, continue_last=True, continues=turn)
+        return stream
+
+    async def regenerate(self, session: ChannelSession, turn: Turn) -> ReplyStream:
+        """Start a new reply in place of the model turn `turn`; the caller deletes it when saving."""
+        turns = await self.repo.recent_turns(session.id, self.window_turns)
+        kept = [t for t in turns if t.id != turn.id]
+        return self._stream(session, kept, continue_last=False)
+
+    def _stream(
+        self, session: ChannelSession, turns: list[Turn], *, continue_last: bool, continues: Turn | None = None
+    ) -> ReplyStream:
+        speakers = tuple(dict.fromkeys(t.author_name for t in turns if t.role is Role.USER and t.author_name))
+        request = GenerationRequest(
+            key=session.channel_key,
+            conversation=conversation_for(session, turns, continue_last=continue_last),
+            max_new_tokens=self.max_new_tokens_for(session),
+            sampling=self.sampling_for(session),
+            speakers=speakers,
+            timeout=self.settings.engine.timeout_seconds,
+        )
+        prefix = (continues.content if continues else "")
+        return ReplyStream(self, session, request, prefix=prefix, continues=continues)

@@ -1,0 +1,67 @@
+"""Plain records returned by the repository: no ORM objects ever leave `persistence/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Role(StrEnum):
+    """Who wrote a turn."""
+
+    USER = "user"
+    MODEL = "model"
+    SYSTEM = "system"
+
+
+class TurnStatus(StrEnum):
+    """Whether a turn was stored whole or cut short (crash, shutdown, cancel)."""
+
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """A named persona, reusable across the channels of one guild."""
+
+    id: int
+    guild_id: int | None
+    name: str
+    text: str
+    created_by: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSession:
+    """One conversation in one channel; `reset` archives it and opens a fresh one."""
+
+    id: int
+    channel_key: str
+    guild_id: int | None
+    active: bool
+    persona_id: int | None
+    persona_name: str | None
+    persona_text: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    archived_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One user or model turn of a channel session."""
+
+    id: int
+    session_id: int
+    role: Role
+    author_id: int | None
+    author_name: str
+    content: str
+    status: TurnStatus
+    created_at: datetime
+    message_ids: tuple[int, ...] = ()

@@ -1,0 +1,30 @@
+"""Shared fixtures: real model files, real SQLite databases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.demo_model import ensure_demo_model
+from tests.model_files import ensure_spm_vocab
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> Path:
+    """Path of the real SmolLM2-135M demo GGUF (fetched once, cached)."""
+    return ensure_demo_model(report=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def spm_vocab():
+    """The Llama-2 SPM vocabulary that Metharme 7B uses, loaded vocab-only."""
+    from llama_cpp import Llama
+
+    return Llama(str(ensure_spm_vocab()), vocab_only=True, verbose=False)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """URL of a fresh SQLite file database."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'tavernkeep.db'}"

@@ -1,0 +1,235 @@
+"""Engine behaviour: streaming, fairness, bounded queue, cancellation, failures (fake backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from bot.engine import Engine, Finished, GenerationRequest, Queued, Started, Text
+from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull
+from bot.fake_backend import FakeBackend, fake_engine
+from bot.prompt import Conversation, PromptTooLarge, PromptTurn
+
+
+def request(key: str, text: str = "hello", *, max_new_tokens: int = 200, timeout: float | None = None):
+    conv = Conversation(system="A test persona.", turns=(PromptTurn("user", text, speaker="Alice"),))
+    return GenerationRequest(key=key, conversation=conv, max_new_tokens=max_new_tokens, timeout=timeout)
+
+
+async def collect(generation) -> tuple[str, list, Finished]:
+    text, events, finished = "", [], None
+    async for chunk in generation:
+        events.append(chunk)
+        if isinstance(chunk, Text):
+            text += chunk.text
+        elif isinstance(chunk, Finished):
+            finished = chunk
+    assert finished is not None
+    return text, events, finished
+
+
+async def started(engine: Engine) -> Engine:
+    await engine.start()
+    return engine
+
+
+async def test_streams_text_and_stats():
+    engine = await started(fake_engine(FakeBackend("Well met, traveller.")))
+    text, events, finished = await collect(engine.generate(request("c1")))
+    assert text == "Well met, traveller."
+    assert isinstance(events[0], Started) and events[0].prompt_tokens > 0
+    assert finished.stats.stop_reason == "eos"
+    assert finished.stats.generated_tokens == len(text.encode())
+    assert engine.last_stats == finished.stats
+    await engine.close()
+
+
+async def test_stop_strings_cut_the_reply():
+    backend = FakeBackend("I pour a drink.\nAlice: thanks!<|user|>more")
+    engine = await started(fake_engine(backend))
+    req = request("c1")
+    req = GenerationRequest(key="c1", conversation=req.conversation, max_new_tokens=200, speakers=("Alice",))
+    text, _, finished = await collect(engine.generate(req))
+    assert text == "I pour a drink."
+    assert finished.stats.stop_reason == "stop"
+    await engine.close()
+
+
+async def test_max_new_tokens_limits_the_reply():
+    engine = await started(fake_engine(FakeBackend("x" * 100)))
+    text, _, finished = await collect(engine.generate(request("c1", max_new_tokens=10)))
+    assert text == "x" * 10
+    assert finished.stats.stop_reason == "length"
+    await engine.close()
+
+
+async def test_multibyte_text_survives_byte_tokens():
+    engine = await started(fake_engine(FakeBackend("Ça va? 🍺 שלום")))
+    text, _, _ = await collect(engine.generate(request("c1")))
+    assert text == "Ça va? 🍺 שלום"
+    await engine.close()
+
+
+async def test_channels_run_in_parallel_on_two_workers():
+    backend = FakeBackend("abcdefghij", token_delay=0.02)
+    engine = await started(fake_engine(backend, workers=2))
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(collect(engine.generate(request(f"c{i}"))) for i in range(2)))
+    elapsed = time.monotonic() - t0
+    assert [r[0] for r in results] == ["abcdefghij"] * 2
+    # Two 0.2 s generations on two workers overlap.
+    assert elapsed < 0.38
+    await engine.close()
+
+
+async def test_one_request_per_channel_at_a_time_in_fifo_order():
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def reply(prompt: str) -> str:
+        with lock:
+            order.append(prompt.rsplit("Alice: ", 1)[-1].removesuffix("<|model|>"))
+        return "ok"
+
+    backend = FakeBackend(reply, token_delay=0.01)
+    engine = await started(fake_engine(backend, workers=2))
+    gens = [engine.generate(request("same", f"m{i}")) for i in range(3)]
+    assert engine.running == 1 and engine.queue_depth == 2
+    await asyncio.gather(*(collect(g) for g in gens))
+    assert order == ["m0", "m1", "m2"]
+    await engine.close()
+
+
+async def test_channels_take_turns_and_see_their_position():
+    order: list[str] = []
+
+    def reply(prompt: str) -> str:
+        order.append(prompt.rsplit("Alice: ", 1)[-1].removesuffix("<|model|>"))
+        return "ok"
+
+    engine = await started(fake_engine(FakeBackend(reply, token_delay=0.005), per_key_queue=10))
+    gens = [engine.generate(request("A", "A1"))]
+    gens += [engine.generate(request("A", f"A{i}")) for i in (2, 3, 4)]
+    gens += [engine.generate(request("B", "B1")), engine.generate(request("C", "C1"))]
+    results = await asyncio.gather(*(collect(g) for g in gens))
+    assert order == ["A1", "A2", "B1", "C1", "A3", "A4"]
+    first_positions = {f"{i}": next(e.position for e in r[1] if isinstance(e, Queued))
+                       for i, r in enumerate(results) if any(isinstance(e, Queued) for e in r[1])}
+    # A2, A3, A4, B1, C1 waited; round-robin puts B1 and C1 before A3.
+    assert first_positions == {"1": 1, "2": 4, "3": 5, "4": 2, "5": 3}
+    # Positions only ever count down.
+    for _, events, _ in results:
+        positions = [e.position for e in events if isinstance(e, Queued)]
+        assert positions == sorted(positions, reverse=True)
+    await engine.close()
+
+
+async def test_queue_bounds_refuse_with_clear_errors():
+    engine = await started(fake_engine(FakeBackend("z", token_delay=0.05), queue_size=2, per_key_queue=1))
+    running = engine.generate(request("A"))
+    engine.generate(request("A"))
+    with pytest.raises(ChannelQueueFull) as per_channel:
+        engine.generate(request("A"))
+    assert "already has 1" in per_channel.value.user_message
+    engine.generate(request("B"))
+    with pytest.raises(QueueFull) as full:
+        engine.generate(request("C"))
+    assert "busy" in full.value.user_message
+    running.cancel()
+    await engine.close()
+
+
+async def test_cancel_queued_request_moves_the_others_up():
+    engine = await started(fake_engine(FakeBackend("slow reply", token_delay=0.02)))
+    first = engine.generate(request("A"))
+    second = engine.generate(request("B"))
+    third = engine.generate(request("C"))
+    second.cancel()
+    _, events, finished = await collect(second)
+    assert finished.stats.stop_reason == "cancelled"
+    _, third_events, _ = await collect(third)
+    assert [e.position for e in third_events if isinstance(e, Queued)] == [2, 1]
+    await collect(first)
+    await engine.close()
+
+
+async def test_cancel_running_request_stops_between_tokens_and_worker_recovers():
+    engine = await started(fake_engine(FakeBackend("x" * 1000, token_delay=0.01)))
+    gen = engine.generate(request("A"))
+    seen = ""
+    async for chunk in gen:
+        if isinstance(chunk, Text):
+            seen += chunk.text
+            if len(seen) >= 3:
+                gen.cancel()
+        if isinstance(chunk, Finished):
+            assert chunk.stats.stop_reason == "cancelled"
+            assert chunk.stats.generated_tokens < 50
+    text, _, finished = await collect(engine.generate(request("A")))
+    assert finished.stats.stop_reason == "eos" and len(text) == 1000
+    await engine.close()
+
+
+async def test_cancel_key_cancels_running_and_queued():
+    engine = await started(fake_engine(FakeBackend("y" * 500, token_delay=0.01), per_key_queue=5))
+    gens = [engine.generate(request("A")) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert engine.cancel_key("A") == 3
+    reasons = [(await collect(g))[2].stats.stop_reason for g in gens]
+    assert reasons == ["cancelled"] * 3
+    await engine.close()
+
+
+async def test_model_failure_reaches_caller_and_worker_keeps_serving(caplog):
+    backend = FakeBackend("abcdef", fail_after=3)
+    engine = await started(fake_engine(backend))
+    with pytest.raises(GenerationFailed):
+        await collect(engine.generate(request("A")))
+    assert "generation failed (key=A" in caplog.text
+    backend.fail_after = None
+    text, _, _ = await collect(engine.generate(request("A")))
+    assert text == "abcdef"
+    await engine.close()
+
+
+async def test_time_limit_stops_generation():
+    engine = await started(fake_engine(FakeBackend("t" * 1000, token_delay=0.01)))
+    _, _, finished = await collect(engine.generate(request("A", timeout=0.1)))
+    assert finished.stats.stop_reason == "timeout"
+    assert finished.stats.generated_tokens < 100
+    await engine.close()
+
+
+async def test_prompt_errors_pass_through_unchanged():
+    engine = await started(fake_engine(FakeBackend("x", n_ctx=256)))
+    conv = Conversation(system="p" * 400, turns=(PromptTurn("user", "hi", speaker="A"),))
+    with pytest.raises(PromptTooLarge):
+        await collect(engine.generate(GenerationRequest(key="A", conversation=conv, max_new_tokens=10)))
+    await engine.close()
+
+
+async def test_close_cancels_waiting_and_refuses_new_work():
+    backend = FakeBackend("done", token_delay=0.01)
+    engine = await started(fake_engine(backend))
+    running = engine.generate(request("A"))
+    waiting = engine.generate(request("B"))
+    await engine.close(grace=5)
+    text, _, finished = await collect(running)
+    assert text == "done" and finished.stats.stop_reason == "eos"
+    assert (await collect(waiting))[2].stats.stop_reason == "cancelled"
+    assert backend.closed
+    with pytest.raises(EngineClosed):
+        engine.generate(request("C"))
+
+
+async def test_close_grace_expiry_cancels_running():
+    engine = await started(fake_engine(FakeBackend("w" * 10000, token_delay=0.01)))
+    running = engine.generate(request("A"))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await engine.close(grace=0.1)
+    assert time.monotonic() - t0 < 1.0
+    assert (await collect(running))[2].stats.stop_reason == "cancelled"

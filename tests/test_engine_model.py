@@ -1,0 +1,119 @@
+"""The engine on the real demo model (llama.cpp): generation, workers, cancellation, loop health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bot.config import ModelSettings, Settings
+from bot.engine import Finished, GenerationRequest, Sampling, Started, Text
+from bot.llama_backend import llama_engine
+from bot.prompt import Conversation, PromptTurn
+
+pytestmark = pytest.mark.model
+
+
+def make_settings(path, *, workers: int = 1, n_ctx: int = 1024) -> Settings:
+    return Settings(model=ModelSettings(path=str(path), n_ctx=n_ctx, workers=workers, threads=1))
+
+
+def request(key: str, text: str, *, max_new_tokens: int = 24, seed: int | None = 7) -> GenerationRequest:
+    conv = Conversation(
+        system="Enter roleplay mode. You must act as Bob, a cheerful pirate.",
+        turns=(PromptTurn("user", text, speaker="Alice"),),
+    )
+    return GenerationRequest(key=key, conversation=conv, max_new_tokens=max_new_tokens,
+                             sampling=Sampling(seed=seed), speakers=("Alice",))
+
+
+async def run(generation) -> tuple[str, Finished, list]:
+    text, finished, events = "", None, []
+    async for chunk in generation:
+        events.append(chunk)
+        if isinstance(chunk, Text):
+            text += chunk.text
+        elif isinstance(chunk, Finished):
+            finished = chunk
+    assert finished is not None
+    return text, finished, events
+
+
+async def test_real_model_streams_a_reply(demo_model_path):
+    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    await engine.start()
+    try:
+        text, finished, events = await run(engine.generate(request("c1", "Hello! Who are you?")))
+        assert isinstance(events[0], Started) and events[0].prompt_tokens > 10
+        assert sum(isinstance(e, Text) for e in events) > 1, "reply should arrive in several chunks"
+        assert text.strip()
+        assert finished.stats.stop_reason in ("eos", "stop", "length")
+        assert finished.stats.generated_tokens <= 24
+        assert "<|user|>" not in text and "<|model|>" not in text
+    finally:
+        await engine.close()
+    assert engine.workers == 1
+
+
+async def test_real_model_same_seed_same_reply(demo_model_path):
+    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    await engine.start()
+    try:
+        first, _, _ = await run(engine.generate(request("c1", "Tell me about your ship.")))
+        second, _, _ = await run(engine.generate(request("c1", "Tell me about your ship.")))
+        assert first == second
+    finally:
+        await engine.close()
+
+
+async def test_real_model_two_workers_serve_two_channels_and_loop_stays_free(demo_model_path):
+    engine = llama_engine(make_settings(demo_model_path, workers=2), str(demo_model_path))
+    await engine.start()
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    try:
+        results = await asyncio.gather(
+            run(engine.generate(request("a", "Where are we sailing?", max_new_tokens=40))),
+            run(engine.generate(request("b", "What is your name?", max_new_tokens=40))),
+        )
+        workers = {next(e.worker for e in events if isinstance(e, Started)) for _, _, events in results}
+        assert workers == {0, 1}
+        assert all(text.strip() for text, _, _ in results)
+    finally:
+        stop.set()
+        await tick
+        await engine.close()
+    # A blocked loop would show one gap as long as the whole generation (about a second).
+    assert len(gaps) > 20
+    assert max(gaps) < 0.25
+
+
+async def test_real_model_cancellation_frees_the_worker(demo_model_path):
+    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    await engine.start()
+    try:
+        gen = engine.generate(request("c1", "Tell me a very long story.", max_new_tokens=400))
+        pieces = 0
+        async for chunk in gen:
+            if isinstance(chunk, Text):
+                pieces += 1
+                if pieces == 2:
+                    gen.cancel()
+            if isinstance(chunk, Finished):
+                assert chunk.stats.stop_reason in ("cancelled", "eos", "stop")
+                assert chunk.stats.generated_tokens < 40
+        text, _, _ = await run(engine.generate(request("c1", "Hi again!")))
+        assert text.strip()
+    finally:
+        await engine.close()
