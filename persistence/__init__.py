@@ -1,0 +1,31 @@
+"""Storage of guilds, personas, channel sessions and turns (SQLAlchemy async + Alembic)."""
+
+from persistence.database import Database
+from persistence.errors import (
+    DuplicateMessage,
+    NotFound,
+    PersistenceError,
+    PersonaExists,
+    PersonaNotFound,
+    SessionNotFound,
+    TurnNotFound,
+)
+from persistence.records import ChannelSession, Persona, Role, Turn, TurnStatus
+from persistence.repository import Repository
+
+__all__ = [
+    "ChannelSession",
+    "Database",
+    "DuplicateMessage",
+    "NotFound",
+    "PersistenceError",
+    "Persona",
+    "PersonaExists",
+    "PersonaNotFound",
+    "Repository",
+    "Role",
+    "SessionNotFound",
+    "Turn",
+    "TurnNotFound",
+    "TurnStatus",
+]

@@ -1,0 +1,181 @@
+"""SQLAlchemy ORM models. Alembic owns the schema: keep `migrations/versions` in step with this file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """`DateTime(timezone=True)` that always hands back aware UTC datetimes.
+
+    SQLite has no time zone storage: values are normalised to UTC before they are
+    written and tagged as UTC when read back. Naive datetimes are refused.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Normalise to UTC; refuse naive values."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Tag values read back from SQLite as UTC; convert others to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable names for migrations)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class GuildRow(Base):
+    """A Discord guild, keyed by its snowflake."""
+
+    __tablename__ = "guilds"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PersonaRow(Base):
+    """A named persona of one guild (`guild_id` NULL: a global persona)."""
+
+    __tablename__ = "personas"
+    __table_args__ = (
+        UniqueConstraint("guild_id", "name"),
+        # NULLs are distinct in a UNIQUE constraint: global names need their own index.
+        Index(
+            "uq_personas_global_name",
+            "name",
+            unique=True,
+            sqlite_where=text("guild_id IS NULL"),
+            postgresql_where=text("guild_id IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("guilds.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    text: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ChannelSessionRow(Base):
+    """One conversation in one channel; at most one non-archived row per `channel_key`."""
+
+    __tablename__ = "channel_sessions"
+    __table_args__ = (
+        Index(
+            "uq_channel_sessions_open_channel_key",
+            "channel_key",
+            unique=True,
+            sqlite_where=text("archived_at IS NULL"),
+            postgresql_where=text("archived_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel_key: Mapped[str] = mapped_column(String(200))
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("guilds.id"))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    persona_id: Mapped[int | None] = mapped_column(ForeignKey("personas.id", ondelete="SET NULL"))
+    persona_text: Mapped[str | None] = mapped_column(Text)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archived_at: Mapped[datetime | None] = mapped_column()
+
+    persona: Mapped[PersonaRow | None] = relationship(lazy="raise")
+
+
+class TurnRow(Base):
+    """One turn of a channel session."""
+
+    __tablename__ = "turns"
+    __table_args__ = (
+        Index("ix_turns_session_id_id", "session_id", "id"),
+        # AUTOINCREMENT: ids of deleted turns are never handed out again.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("channel_sessions.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16))
+    author_id: Mapped[int | None] = mapped_column(BigInteger)
+    author_name: Mapped[str] = mapped_column(String(200), default="")
+    content: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    messages: Mapped[list[TurnMessageRow]] = relationship(
+        lazy="raise",
+        order_by="TurnMessageRow.part",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class TurnMessageRow(Base):
+    """A Discord message carrying (part of) a turn; message ids are unique across the store."""
+
+    __tablename__ = "turn_messages"
+    __table_args__ = (UniqueConstraint("turn_id", "part"),)
+
+    message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"))
+    part: Mapped[int] = mapped_column(Integer)
+
+
+class MetaRow(Base):
+    """Small bot-wide values (e.g. the hash of the last synced command tree)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,481 @@
+"""Async repository: one session per call, explicit commits, plain records out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Select, delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from persistence.database import Database
+from persistence.errors import (
+    DuplicateMessage,
+    PersonaExists,
+    PersonaNotFound,
+    SessionNotFound,
+    TurnNotFound,
+)
+from persistence.models import (
+    ChannelSessionRow,
+    GuildRow,
+    MetaRow,
+    PersonaRow,
+    TurnMessageRow,
+    TurnRow,
+    utcnow,
+)
+from persistence.records import ChannelSession, Persona, Role, Turn, TurnStatus
+
+log = logging.getLogger(__name__)
+
+
+# --- row -> record ---------------------------------------------------------------------------------
+
+
+def _persona(row: PersonaRow) -> Persona:
+    return Persona(
+        id=row.id,
+        guild_id=row.guild_id,
+        name=row.name,
+        text=row.text,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _session(row: ChannelSessionRow, persona: PersonaRow | None) -> ChannelSession:
+    if persona is not None:
+        name: str | None = persona.name
+        text = persona.text
+    else:
+        name, text = None, row.persona_text or ""
+    return ChannelSession(
+        id=row.id,
+        channel_key=row.channel_key,
+        guild_id=row.guild_id,
+        active=row.active,
+        persona_id=row.persona_id,
+        persona_name=name,
+        persona_text=text,
+        settings=dict(row.settings or {}),
+        created_at=row.created_at,
+        archived_at=row.archived_at,
+    )
+
+
+def _turn(row: TurnRow) -> Turn:
+    return Turn(
+        id=row.id,
+        session_id=row.session_id,
+        role=Role(row.role),
+        author_id=row.author_id,
+        author_name=row.author_name,
+        content=row.content,
+        status=TurnStatus(row.status),
+        created_at=row.created_at,
+        message_ids=tuple(m.message_id for m in sorted(row.messages, key=lambda m: m.part)),
+    )
+
+
+# --- queries ---------------------------------------------------------------------------------------
+
+
+def _persona_query(guild_id: int | None, name: str) -> Select[tuple[PersonaRow]]:
+    guild = PersonaRow.guild_id.is_(None) if guild_id is None else PersonaRow.guild_id == guild_id
+    return select(PersonaRow).where(guild, PersonaRow.name == name)
+
+
+def _open_session_query(channel_key: str) -> Select[tuple[ChannelSessionRow]]:
+    return select(ChannelSessionRow).where(
+        ChannelSessionRow.channel_key == channel_key, ChannelSessionRow.archived_at.is_(None)
+    )
+
+
+def recent_turns_query(session_id: int, limit: int) -> Select[tuple[TurnRow]]:
+    """The newest `limit` turns of a session, newest first (walks the (session_id, id) index backwards)."""
+    return (
+        select(TurnRow)
+        .where(TurnRow.session_id == session_id)
+        .order_by(TurnRow.id.desc())
+        .limit(limit)
+        .options(selectinload(TurnRow.messages))
+    )
+
+
+def _turn_query(turn_id: int) -> Select[tuple[TurnRow]]:
+    return select(TurnRow).where(TurnRow.id == turn_id).options(selectinload(TurnRow.messages))
+
+
+def _is_duplicate_message(error: IntegrityError) -> bool:
+    return "turn_messages" in str(error.orig)
+
+
+class Repository:
+    """Persistence API of the bot. Every method runs in its own session and returns records."""
+
+    def __init__(self, db: Database) -> None:
+        """Use the sessions of an opened `Database`."""
+        self.db = db
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _add_guild_if_missing(s: AsyncSession, guild_id: int | None) -> None:
+        if guild_id is not None and await s.get(GuildRow, guild_id) is None:
+            s.add(GuildRow(id=guild_id, name=""))
+            await s.flush()
+
+    @staticmethod
+    async def _session_row(s: AsyncSession, session_id: int) -> ChannelSessionRow:
+        row = await s.get(ChannelSessionRow, session_id)
+        if row is None:
+            raise SessionNotFound(session_id)
+        return row
+
+    @staticmethod
+    async def _session_record(s: AsyncSession, row: ChannelSessionRow) -> ChannelSession:
+        persona = None if row.persona_id is None else await s.get(PersonaRow, row.persona_id)
+        return _session(row, persona)
+
+    @staticmethod
+    async def _check_persona(s: AsyncSession, persona_id: int | None) -> None:
+        if persona_id is not None and await s.get(PersonaRow, persona_id) is None:
+            raise PersonaNotFound(persona_id)
+
+    @staticmethod
+    async def _check_new_message_ids(s: AsyncSession, message_ids: Sequence[int]) -> None:
+        if len(set(message_ids)) != len(message_ids):
+            raise DuplicateMessage(m for m in message_ids if message_ids.count(m) > 1)
+        if message_ids:
+            taken = await s.scalars(
+                select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids))
+            )
+            if found := list(taken):
+                raise DuplicateMessage(found)
+
+    @staticmethod
+    async def _flush_messages(s: AsyncSession, message_ids: Sequence[int]) -> None:
+        """Flush; a unique violation on `turn_messages` (a racing writer) becomes DuplicateMessage."""
+        try:
+            await s.flush()
+        except IntegrityError as error:
+            if _is_duplicate_message(error):
+                raise DuplicateMessage(message_ids) from error
+            raise
+
+    # --- guilds ------------------------------------------------------------------------------------
+
+    async def ensure_guild(self, guild_id: int, name: str) -> None:
+        """Create the guild row, or update its name."""
+        async with self.db.write() as s:
+            row = await s.get(GuildRow, guild_id)
+            if row is None:
+                s.add(GuildRow(id=guild_id, name=name))
+            elif row.name != name:
+                row.name = name
+            await s.commit()
+
+    async def get_meta(self, key: str) -> str | None:
+        """Return a stored bot-wide value, or None."""
+        async with self.db.read() as s:
+            row = await s.get(MetaRow, key)
+            return row.value if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Store a bot-wide value."""
+        async with self.db.write() as s:
+            row = await s.get(MetaRow, key)
+            if row is None:
+                s.add(MetaRow(key=key, value=value))
+            else:
+                row.value = value
+            await s.commit()
+
+    # --- personas ----------------------------------------------------------------------------------
+
+    async def create_persona(
+        self, guild_id: int | None, name: str, text: str, created_by: int | None = None
+    ) -> Persona:
+        """Create a persona; raise `PersonaExists` if the guild already has one with this name."""
+        async with self.db.write() as s:
+            if await s.scalar(_persona_query(guild_id, name)) is not None:
+                raise PersonaExists(guild_id, name)
+            await self._add_guild_if_missing(s, guild_id)
+            row = PersonaRow(guild_id=guild_id, name=name, text=text, created_by=created_by)
+            s.add(row)
+            try:
+                await s.flush()
+            except IntegrityError as error:
+                raise PersonaExists(guild_id, name) from error
+            await s.commit()
+            return _persona(row)
+
+    async def update_persona(self, guild_id: int | None, name: str, text: str) -> Persona | None:
+        """Replace a persona's text; None if there is no such persona."""
+        async with self.db.write() as s:
+            row = await s.scalar(_persona_query(guild_id, name))
+            if row is None:
+                return None
+            row.text = text
+            row.updated_at = utcnow()
+            await s.commit()
+            return _persona(row)
+
+    async def delete_persona(self, guild_id: int | None, name: str) -> bool:
+        """Delete a persona (sessions using it fall back to their inline text); False if absent."""
+        async with self.db.write() as s:
+            persona_id = await s.scalar(_persona_query(guild_id, name).with_only_columns(PersonaRow.id))
+            if persona_id is None:
+                return False
+            await s.execute(delete(PersonaRow).where(PersonaRow.id == persona_id))
+            await s.commit()
+            return True
+
+    async def get_persona(self, guild_id: int | None, name: str) -> Persona | None:
+        """The persona called `name` in this guild (`None` guild: global personas)."""
+        async with self.db.read() as s:
+            row = await s.scalar(_persona_query(guild_id, name))
+            return None if row is None else _persona(row)
+
+    async def list_personas(self, guild_id: int | None) -> list[Persona]:
+        """The personas of one guild, by name."""
+        guild = PersonaRow.guild_id.is_(None) if guild_id is None else PersonaRow.guild_id == guild_id
+        async with self.db.read() as s:
+            rows = await s.scalars(select(PersonaRow).where(guild).order_by(PersonaRow.name))
+            return [_persona(r) for r in rows]
+
+    # --- sessions ----------------------------------------------------------------------------------
+
+    async def get_active_session(self, channel_key: str) -> ChannelSession | None:
+        """The non-archived session of a channel (running or paused), if any."""
+        async with self.db.read() as s:
+            row = await s.scalar(
+                _open_session_query(channel_key).options(selectinload(ChannelSessionRow.persona))
+            )
+            return None if row is None else _session(row, row.persona)
+
+    async def start_session(
+        self,
+        channel_key: str,
+        *,
+        guild_id: int | None = None,
+        persona_id: int | None = None,
+        persona_text: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> ChannelSession:
+        """Open a session for the channel, or re-activate the open one.
+
+        On an existing session the persona is replaced when `persona_id` or `persona_text` is
+        given (both columns are set, so one clears the other) and kept otherwise; `settings`
+        replaces the overrides when given; `guild_id` fills in a missing guild.
+        """
+        args = (channel_key, guild_id, persona_id, persona_text, settings)
+        try:
+            return await self._start_session(*args)
+        except IntegrityError:
+            # Another writer opened the channel's session first (possible on PostgreSQL): use it.
+            return await self._start_session(*args)
+
+    async def _start_session(
+        self,
+        channel_key: str,
+        guild_id: int | None,
+        persona_id: int | None,
+        persona_text: str | None,
+        settings: Mapping[str, Any] | None,
+    ) -> ChannelSession:
+        async with self.db.write() as s:
+            await self._check_persona(s, persona_id)
+            await self._add_guild_if_missing(s, guild_id)
+            row = await s.scalar(_open_session_query(channel_key))
+            if row is None:
+                row = ChannelSessionRow(
+                    channel_key=channel_key,
+                    guild_id=guild_id,
+                    active=True,
+                    persona_id=persona_id,
+                    persona_text=persona_text,
+                    settings=dict(settings or {}),
+                )
+                s.add(row)
+            else:
+                row.active = True
+                if persona_id is not None or persona_text is not None:
+                    row.persona_id, row.persona_text = persona_id, persona_text
+                if settings is not None:
+                    row.settings = dict(settings)
+                if row.guild_id is None and guild_id is not None:
+                    row.guild_id = guild_id
+            await s.flush()
+            record = await self._session_record(s, row)
+            await s.commit()
+            return record
+
+    async def set_session_active(self, session_id: int, active: bool) -> ChannelSession:
+        """Pause (`False`) or resume (`True`) a session."""
+        async with self.db.write() as s:
+            row = await self._session_row(s, session_id)
+            row.active = active
+            record = await self._session_record(s, row)
+            await s.commit()
+            return record
+
+    async def update_session_settings(self, session_id: int, settings: Mapping[str, Any]) -> ChannelSession:
+        """Replace a session's per-channel overrides."""
+        async with self.db.write() as s:
+            row = await self._session_row(s, session_id)
+            row.settings = dict(settings)
+            record = await self._session_record(s, row)
+            await s.commit()
+            return record
+
+    async def archive_session(self, session_id: int) -> ChannelSession:
+        """Archive a session and return a fresh, empty one with the same channel, persona and settings.
+
+        Idempotent: if the session is already archived, the channel's open session is returned
+        (or opened if there is none).
+        """
+        async with self.db.write() as s:
+            old = await self._session_row(s, session_id)
+            if old.archived_at is None:
+                old.archived_at = utcnow()
+                await s.flush()
+            else:
+                current = await s.scalar(_open_session_query(old.channel_key))
+                if current is not None:
+                    return await self._session_record(s, current)
+            new = ChannelSessionRow(
+                channel_key=old.channel_key,
+                guild_id=old.guild_id,
+                active=old.active,
+                persona_id=old.persona_id,
+                persona_text=old.persona_text,
+                settings=dict(old.settings or {}),
+            )
+            s.add(new)
+            await s.flush()
+            record = await self._session_record(s, new)
+            await s.commit()
+            log.debug("archived session %s of %s, opened %s", session_id, old.channel_key, new.id)
+            return record
+
+    async def list_active_sessions(self) -> list[ChannelSession]:
+        """Every open (non-archived) session that is not paused."""
+        query = (
+            select(ChannelSessionRow)
+            .where(ChannelSessionRow.archived_at.is_(None), ChannelSessionRow.active.is_(True))
+            .order_by(ChannelSessionRow.id)
+            .options(selectinload(ChannelSessionRow.persona))
+        )
+        async with self.db.read() as s:
+            return [_session(r, r.persona) for r in await s.scalars(query)]
+
+    # --- turns -------------------------------------------------------------------------------------
+
+    async def append_turn(
+        self,
+        session_id: int,
+        role: Role | str,
+        content: str,
+        *,
+        author_id: int | None = None,
+        author_name: str = "",
+        message_ids: Iterable[int] = (),
+        status: TurnStatus | str = TurnStatus.COMPLETE,
+    ) -> Turn:
+        """Store a turn and the Discord messages carrying it, all or nothing.
+
+        Raises `DuplicateMessage` (nothing stored) if a message id is already mapped.
+        """
+        ids = list(message_ids)
+        async with self.db.write() as s:
+            await self._session_row(s, session_id)
+            await self._check_new_message_ids(s, ids)
+            row = TurnRow(
+                session_id=session_id,
+                role=Role(role).value,
+                author_id=author_id,
+                author_name=author_name,
+                content=content,
+                status=TurnStatus(status).value,
+                messages=[TurnMessageRow(message_id=m, part=i) for i, m in enumerate(ids)],
+            )
+            s.add(row)
+            await self._flush_messages(s, ids)
+            await s.commit()
+            return _turn(row)
+
+    async def recent_turns(self, session_id: int, limit: int) -> list[Turn]:
+        """The newest `limit` turns of a session, oldest first."""
+        if limit <= 0:
+            return []
+        async with self.db.read() as s:
+            rows = list(await s.scalars(recent_turns_query(session_id, limit)))
+        rows.reverse()
+        return [_turn(r) for r in rows]
+
+    async def turn_by_message(self, message_id: int) -> Turn | None:
+        """The turn a Discord message belongs to."""
+        query = (
+            select(TurnRow)
+            .join(TurnMessageRow, TurnMessageRow.turn_id == TurnRow.id)
+            .where(TurnMessageRow.message_id == message_id)
+            .options(selectinload(TurnRow.messages))
+        )
+        async with self.db.read() as s:
+            row = await s.scalar(query)
+            return None if row is None else _turn(row)
+
+    async def edit_turn(
+        self, turn_id: int, content: str, *, status: TurnStatus | str | None = None
+    ) -> Turn | None:
+        """Replace a turn's content (and status, if given); None if there is no such turn."""
+        async with self.db.write() as s:
+            row = await s.scalar(_turn_query(turn_id))
+            if row is None:
+                return None
+            row.content = content
+            if status is not None:
+                row.status = TurnStatus(status).value
+            await s.commit()
+            return _turn(row)
+
+    async def delete_turn(self, turn_id: int) -> bool:
+        """Delete a turn and its message mappings; False if it did not exist."""
+        async with self.db.write() as s:
+            result = await s.execute(delete(TurnRow).where(TurnRow.id == turn_id))
+            await s.commit()
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def add_turn_messages(self, turn_id: int, message_ids: Iterable[int]) -> Turn:
+        """Map more Discord messages (the next parts) to a turn; `DuplicateMessage` if one is taken."""
+        ids = list(message_ids)
+        async with self.db.write() as s:
+            row = await s.scalar(_turn_query(turn_id))
+            if row is None:
+                raise TurnNotFound(turn_id)
+            await self._check_new_message_ids(s, ids)
+            start = max((m.part for m in row.messages), default=-1) + 1
+            row.messages.extend(TurnMessageRow(message_id=m, part=start + i) for i, m in enumerate(ids))
+            await self._flush_messages(s, ids)
+            await s.commit()
+            return _turn(row)
+
+    async def count_turns(self, session_id: int) -> int:
+        """How many turns a session has."""
+        async with self.db.read() as s:
+            count = await s.scalar(
+                select(func.count()).select_from(TurnRow).where(TurnRow.session_id == session_id)
+            )
+            return int(count or 0)
+
+    async def latest_turn(self, session_id: int) -> Turn | None:
+        """The newest turn of a session."""
+        async with self.db.read() as s:
+            row = await s.scalar(recent_turns_query(session_id, 1))
+            return None if row is None else _turn(row)
