@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from bot.chat import run_chat
 from bot.config import ConfigError, Settings, check_model_file, load_settings
-from bot.errors import TavernError
 from bot.demo_model import DemoModelError, resolve_model_path
 from bot.engine import Engine, ModelLoadError
+from bot.errors import TavernError
 from bot.llama_backend import llama_engine
-from bot.chat import run_chat
 from bot.sessions import ChatService
 from persistence.database import Database
 from persistence.repository import Repository

@@ -50,7 +50,7 @@ class TerminalChat:
         if session is None or persona is not None:
             session = await repo.start_session(key, persona_text=persona or (
                 session.persona_text if session else DEFAULT_PERSONA))
-            await self._check_persona(session)
+            await self.service.check_persona(session.persona_text)
         history = await repo.recent_turns(session.id, HISTORY_SHOWN)
         if history:
             total = await repo.count_turns(session.id)
@@ -61,12 +61,6 @@ class TerminalChat:
         else:
             self.say(f"New session '{session_name}'.")
         return session
-
-    async def _check_persona(self, session: ChannelSession) -> None:
-        tokens = await self.service.engine.tokenize_count(session.persona_text)
-        allowed = self.service.persona_budget()
-        if tokens > allowed:
-            raise TavernError(f"The persona has {tokens} tokens; at most {allowed} fit this model's context.")
 
     async def run(self, session: ChannelSession) -> None:
         """Chat until /quit or end of input."""

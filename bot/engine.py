@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull, TavernError
 from bot.prompt import Conversation, MessageTooLarge, PromptTooLarge, Tokenizer, build_prompt, count_tokens
@@ -25,6 +25,7 @@ from bot.stops import StopScanner, reply_stops
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 StopReason = Literal["eos", "stop", "length", "cancelled", "timeout"]
 
 
@@ -136,7 +137,7 @@ def run_generation(
     worker: int = 0,
 ) -> GenerationStats:
     """Build the prompt and generate one reply on the calling thread, emitting chunks as they come."""
-    started = time.monotonic()
+    started = time.perf_counter()
     deadline = started + request.timeout if request.timeout else None
     prompt = build_prompt(
         backend.tokenizer, request.conversation, n_ctx=backend.n_ctx, max_new_tokens=request.max_new_tokens
@@ -156,7 +157,7 @@ def run_generation(
             break
         generated += 1
         if first_token is None:
-            first_token = time.monotonic() - started
+            first_token = time.perf_counter() - started
         text = scanner.feed(decoder.decode(backend.piece(token)))
         if text:
             emit(Text(text))
@@ -165,7 +166,7 @@ def run_generation(
             break
         if generated >= request.max_new_tokens:
             break
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and time.perf_counter() > deadline:
             reason = "timeout"
             break
     if not scanner.stopped:
@@ -177,7 +178,7 @@ def run_generation(
         turns_used=prompt.turns_used,
         generated_tokens=generated,
         first_token_seconds=first_token,
-        seconds=time.monotonic() - started,
+        seconds=time.perf_counter() - started,
         stop_reason=reason,
     )
 
@@ -296,12 +297,16 @@ class Engine:
             self._idle.append(self._workers[-1])
         self.n_ctx = self._workers[0].backend.n_ctx if self._workers else 0
 
+    async def with_tokenizer(self, fn: Callable[[Tokenizer], T]) -> T:
+        """Run `fn(tokenizer)` off the event loop (the vocabulary is read-only, safe beside generation)."""
+        if not self._workers:
+            raise EngineClosed()
+        tokenizer = self._workers[0].backend.tokenizer
+        return await asyncio.get_running_loop().run_in_executor(None, fn, tokenizer)
+
     async def tokenize_count(self, text: str) -> int:
-        """Count the tokens of user-supplied text with the model's tokenizer (off the event loop)."""
-        worker = self._workers[0]
-        return await asyncio.get_running_loop().run_in_executor(
-            None, count_tokens, worker.backend.tokenizer, text
-        )
+        """Count the tokens of user-supplied text as the prompt builder counts them."""
+        return await self.with_tokenizer(lambda tokenizer: count_tokens(tokenizer, text))
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Queue a request and return its chunk stream; raise a TavernError when it cannot be queued."""

@@ -44,3 +44,15 @@ class NoSession(TavernError):
     """The channel has no roleplay session."""
 
     user_message = "There is no roleplay session in this channel."
+
+
+class PersonaTooLarge(TavernError):
+    """A persona would leave too little room for the conversation."""
+
+    def __init__(self, tokens: int, allowed: int) -> None:
+        self.tokens = tokens
+        self.allowed = allowed
+        super().__init__(
+            f"That persona is {tokens} tokens long; at most {allowed} fit while leaving room for the "
+            "conversation. Please shorten it."
+        )

@@ -12,7 +12,8 @@ from typing import Any
 
 from bot.config import Settings
 from bot.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
-from bot.prompt import Conversation, PromptTurn
+from bot.errors import PersonaTooLarge
+from bot.prompt import Conversation, PromptTurn, Tokenizer, count_tokens, system_budget
 from bot.stops import clean_reply
 from persistence.records import ChannelSession, Role, Turn, TurnStatus
 from persistence.repository import Repository
@@ -123,6 +124,31 @@ class ChatService:
     def window_turns(self) -> int:
         """How many stored turns are read to build a prompt (more can never fit)."""
         return max(8, self.engine.n_ctx // MIN_TOKENS_PER_TURN)
+
+    @property
+    def conversation_reserve(self) -> int:
+        """Context tokens a persona must leave free for conversation turns."""
+        return max(64, self.engine.n_ctx // 4)
+
+    async def persona_budget(self) -> int:
+        """The most tokens a persona may have (after the fixed preamble) with room left to talk."""
+        preamble = SYSTEM_TEMPLATE.format(name="the character", persona="")
+        max_new = self.settings.model.max_new_tokens
+        reserve = self.conversation_reserve
+
+        def budget(tokenizer: Tokenizer) -> int:
+            allowed = system_budget(tokenizer, n_ctx=self.engine.n_ctx, max_new_tokens=max_new, reserve=reserve)
+            return max(0, allowed - count_tokens(tokenizer, preamble))
+
+        return await self.engine.with_tokenizer(budget)
+
+    async def check_persona(self, text: str) -> int:
+        """Return the persona's token count; raise PersonaTooLarge (with both numbers) if it does not fit."""
+        tokens = await self.engine.tokenize_count(text)
+        allowed = await self.persona_budget()
+        if tokens > allowed:
+            raise PersonaTooLarge(tokens, allowed)
+        return tokens
 
     def sampling_for(self, session: ChannelSession) -> Sampling:
         """Config defaults with the channel's overrides applied."""

@@ -54,7 +54,7 @@ def test_model_file_must_be_gguf(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"<html>not a model</html>")
     path = write(tmp_path, f"[model]\npath = '{fake}'")
-    with pytest.raises(ConfigError, match="model.path: not a GGUF model file"):
+    with pytest.raises(ConfigError, match=r"model\.path: not a GGUF model file"):
         load_settings(path, env={})
 
 
