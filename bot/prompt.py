@@ -1,0 +1,401 @@
+"""Metharme prompt building: token-level assembly, marker neutralisation, sliding window.
+
+The prompt is assembled as a list of token ids rather than a string, because a string prompt is
+tokenized with special-token parsing on and a typed ``</s>`` would become a real EOS. Every piece of
+user-supplied text is neutralised first and tokenized with ``special=False``: in the Llama-2 SPM
+vocabulary the role markers are ordinary text, so a typed ``<|user|>`` would otherwise produce the
+very same tokens as the template's own marker.
+
+Layout (no separators between turns)::
+
+    BOS <|system|>persona <|user|>Alice: hi\\nBob: hello <|model|>reply <|user|>Alice: ... <|model|>
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import unicodedata
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+__all__ = [
+    "MODEL",
+    "ROLE_MARKERS",
+    "SYSTEM",
+    "USER",
+    "Conversation",
+    "MessageTooLarge",
+    "Prompt",
+    "PromptTooLarge",
+    "PromptTurn",
+    "Tokenizer",
+    "build_prompt",
+    "count_tokens",
+    "find_marker",
+    "neutralise",
+    "system_budget",
+]
+
+
+class Tokenizer(Protocol):
+    """The slice of ``llama_cpp.Llama`` the prompt builder needs."""
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes: ...
+
+    def token_bos(self) -> int: ...
+
+    def token_eos(self) -> int: ...
+
+
+SYSTEM, USER, MODEL = "<|system|>", "<|user|>", "<|model|>"
+ROLE_MARKERS = (SYSTEM, USER, MODEL)
+
+# --------------------------------------------------------------------------- neutralisation
+
+# Everything below is matched on a folded view of the text (see `_fold_char`). The role markers
+# plus the control strings of the formats these models were trained or merged on: Llama (`<s>`,
+# `</s>`, `[INST]`), ChatML (`<|im_start|>`, `<|im_end|>`) and GPT-style `<|endoftext|>`.
+_PIPE_MARKERS = ("<|system|>", "<|user|>", "<|model|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+_ANGLE_MARKERS = ("</s>", "<s>")
+_BRACKET_MARKERS = ("[inst]", "[/inst]")
+_FORBIDDEN_RE = re.compile(
+    "|".join(re.escape(m) for m in sorted((*_PIPE_MARKERS, *_ANGLE_MARKERS, *_BRACKET_MARKERS), key=len, reverse=True))
+)
+
+# How a matched marker is defused. Pipe markers lose their pipes and read `<user>`; `<s>`/`</s>`
+# get single angle quotation marks (`‹/s›`), `[INST]` gets parentheses (`(INST)`). The substitutes
+# fold to nothing that can start a marker, and every edit removes at least one of `|<>[]` from the
+# folded text, so repeating the scan until it comes back clean always terminates.
+_ANGLE_SWAP = {"<": "\u2039", ">": "\u203a"}
+_BRACKET_SWAP = {"[": "(", "]": ")"}
+
+# Categories a reader cannot see (or sees as blank) inside a marker: combining and enclosing marks,
+# format characters (zero-width space/joiners, word joiner, BOM, soft hyphen, tag characters),
+# controls, unassigned code points and all separators.
+_INVISIBLE_CATEGORIES = frozenset({"Mn", "Me", "Cf", "Cc", "Cn", "Zs", "Zl", "Zp"})
+# Hangul fillers and the braille blank are letters/symbols by category but render as nothing, and
+# SPM vocabularies turn a typed U+2581 ("▁", their space symbol) into a real space.
+_INVISIBLE_EXTRA = frozenset("\u115f\u1160\u3164\uffa0\u2800\u2581")
+
+
+def _visible(ch: str) -> bool:
+    return not (ch.isspace() or ch in _INVISIBLE_EXTRA or unicodedata.category(ch) in _INVISIBLE_CATEGORIES)
+
+
+@functools.lru_cache(maxsize=8192)
+def _fold_char(ch: str) -> str:
+    """Fold one character for marker detection: compatibility decomposition, case folding, invisibles dropped.
+
+    NFKD rather than NFKC, applied per character: composition would let a combining mark glue onto a
+    neighbouring `<` or `>` (`>` + U+0338 composes to `≯`) and so hide a marker from the scan, while
+    decomposing and dropping the marks finds everything NFKC would, and more.
+    """
+    if ch.isascii():
+        return "" if (ch.isspace() or not ch.isprintable()) else ch.lower()
+    decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", ch).casefold())
+    return "".join(c for c in decomposed if _visible(c))
+
+
+def _scan(chars: Sequence[str], pattern: re.Pattern[str]) -> list[tuple[int, int, str]]:
+    """Return (start, end, folded match) spans of `pattern` in the folded view of `chars`."""
+    folded: list[str] = []
+    origin: list[int] = []
+    for index, ch in enumerate(chars):
+        piece = _fold_char(ch)
+        folded.append(piece)
+        origin.extend([index] * len(piece))
+    return [(origin[m.start()], origin[m.end() - 1] + 1, m.group()) for m in pattern.finditer("".join(folded))]
+
+
+def _may_contain_marker(text: str) -> bool:
+    # Fast path for the common case: plain ASCII without an opening bracket cannot hold a marker.
+    return not text.isascii() or "<" in text or "[" in text
+
+
+def _defuse(chars: list[str], start: int, end: int, marker: str) -> None:
+    for index in range(start, end):
+        folded = _fold_char(chars[index])
+        if marker.startswith("<|"):
+            if "|" in folded:
+                chars[index] = ""
+        elif marker.startswith("["):
+            if "[" in folded or "]" in folded:
+                chars[index] = _BRACKET_SWAP["[" if "[" in folded else "]"]
+        elif "<" in folded or ">" in folded:
+            chars[index] = _ANGLE_SWAP["<" if "<" in folded else ">"]
+
+
+def _neutralise_parts(parts: Sequence[str], sep: str = "\n") -> list[str]:
+    """Neutralise `sep.join(parts)` as one text (markers may span parts) and return it split again."""
+    if not any(_may_contain_marker(part) for part in parts):
+        return list(parts)
+    chars: list[str] = []
+    owner: list[int] = []  # index of the part each character belongs to; -1 for separators
+    for number, part in enumerate(parts):
+        if number:
+            chars.extend(sep)
+            owner.extend([-1] * len(sep))
+        chars.extend(part)
+        owner.extend([number] * len(part))
+    while spans := _scan(chars, _FORBIDDEN_RE):
+        for start, end, marker in spans:
+            _defuse(chars, start, end, marker)
+        # Deleted characters leave "" behind; drop them so the next scan sees the new adjacency.
+        kept = [i for i, ch in enumerate(chars) if ch]
+        chars = [chars[i] for i in kept]
+        owner = [owner[i] for i in kept]
+    out: list[list[str]] = [[] for _ in parts]
+    for ch, number in zip(chars, owner, strict=True):
+        if number >= 0:
+            out[number].append(ch)
+    return ["".join(piece) for piece in out]
+
+
+def neutralise(text: str) -> str:
+    """Defuse role markers and control strings in user-supplied text so they cannot act as template.
+
+    Detection ignores case, whitespace, zero-width and other invisible characters and compatibility
+    look-alikes (fullwidth `＜｜ｍｏｄｅｌ｜＞`). A found marker is rewritten visibly but readably:
+    `<|user|>` becomes `<user>` (its pipes removed, other characters kept), `</s>` becomes `‹/s›`
+    and `[INST]` becomes `(INST)`. Text without markers is returned unchanged.
+    """
+    return _neutralise_parts([text])[0]
+
+
+def find_marker(text: str) -> int | None:
+    """Return the index where the first marker (any variant `neutralise` detects) starts, or None."""
+    if not _may_contain_marker(text):
+        return None
+    spans = _scan(text, _FORBIDDEN_RE)
+    return spans[0][0] if spans else None
+
+
+# --------------------------------------------------------------------------- conversation model
+
+
+@dataclass(frozen=True)
+class PromptTurn:
+    """One turn of the conversation; user turns name their speaker."""
+
+    role: Literal["user", "model"]
+    text: str
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """The persona and the turns to fit, oldest first.
+
+    With `continue_last` the last turn must be a model turn: the prompt ends with its text so that
+    generation continues it instead of starting a new reply.
+    """
+
+    system: str
+    turns: tuple[PromptTurn, ...]
+    continue_last: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A built prompt.
+
+    `turns_used` counts the newest input turns that were kept (before user turns are merged);
+    `system_tokens` is the length of the fixed prefix: BOS, `<|system|>` and the persona.
+    """
+
+    tokens: list[int]
+    turns_used: int
+    system_tokens: int
+
+
+class PromptTooLarge(ValueError):
+    """The persona alone leaves no room in the context (opening, closing and reply budget included)."""
+
+    def __init__(self, tokens: int, allowed: int) -> None:
+        self.tokens = tokens
+        self.allowed = allowed
+        super().__init__(
+            f"The persona is {tokens} tokens, but at most {allowed} fit in this context "
+            f"after reserving room for the reply."
+        )
+
+
+class MessageTooLarge(ValueError):
+    """The newest turn alone does not fit after the persona."""
+
+    def __init__(self, tokens: int, allowed: int) -> None:
+        self.tokens = tokens
+        self.allowed = allowed
+        super().__init__(
+            f"The newest message is {tokens} tokens, but only {allowed} fit after the persona "
+            f"and the room reserved for the reply."
+        )
+
+
+# --------------------------------------------------------------------------- tokenization
+
+# Tokenizing "\n" + text and dropping the tokens of "\n" alone gives the text's tokens as they
+# appear mid-prompt: SPM vocabularies prepend a dummy space to every tokenize call ("▁<" instead of
+# "<"), and no Llama-2 piece contains a newline, so nothing merges across the probe.
+_PROBE = b"\n"
+
+
+@dataclass(frozen=True)
+class _Template:
+    opening: tuple[int, ...]  # BOS (when the vocabulary adds one) + <|system|>, as a prompt starts
+    user: tuple[int, ...]
+    model: tuple[int, ...]
+    newline: tuple[int, ...]
+    probe: tuple[int, ...]
+
+
+_templates: weakref.WeakKeyDictionary[Tokenizer, _Template] = weakref.WeakKeyDictionary()
+
+
+def _encode(text: str) -> bytes:
+    # Lone surrogates cannot come from Discord, but must not crash the builder if they ever do.
+    return text.encode("utf-8", errors="replace")
+
+
+def _piece_tokens(tokenizer: Tokenizer, probe: Sequence[int], text: str) -> list[int]:
+    if not text:
+        return []
+    data = _encode(text)
+    tokens = tokenizer.tokenize(_PROBE + data, add_bos=False, special=False)
+    if tokens[: len(probe)] == list(probe):
+        return tokens[len(probe) :]
+    # The probe merged with the text (byte-level BPE with a leading newline); such vocabularies
+    # add no dummy prefix, so tokenizing the text alone is already the mid-prompt form.
+    return tokenizer.tokenize(data, add_bos=False, special=False)
+
+
+def _template(tokenizer: Tokenizer) -> _Template:
+    try:
+        return _templates[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    probe = tuple(tokenizer.tokenize(_PROBE, add_bos=False, special=False))
+
+    def piece(text: str) -> tuple[int, ...]:
+        return tuple(_piece_tokens(tokenizer, probe, text))
+
+    # The first marker follows BOS directly, where a whole-prompt tokenization would put the dummy
+    # space: tokenize it plainly so the prompt starts the way the model was trained on.
+    opening = tuple(tokenizer.tokenize(_encode(SYSTEM), add_bos=True, special=False))
+    template = _Template(opening, piece(USER), piece(MODEL), piece("\n"), probe)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: still correct, only uncached
+        _templates[tokenizer] = template
+    return template
+
+
+def count_tokens(tokenizer: Tokenizer, text: str) -> int:
+    """Return how many tokens `text` takes inside a prompt (neutralised, without any marker)."""
+    template = _template(tokenizer)
+    return len(_piece_tokens(tokenizer, template.probe, neutralise(text)))
+
+
+def system_budget(tokenizer: Tokenizer, *, n_ctx: int, max_new_tokens: int, reserve: int = 0) -> int:
+    """Return the most persona tokens (as `count_tokens` counts them) that leave `reserve` tokens for turns.
+
+    Compare `count_tokens(tokenizer, persona)` with it to refuse a persona before it is stored.
+    Never negative: 0 means not even an empty persona leaves that much room.
+    """
+    template = _template(tokenizer)
+    overhead = len(template.opening) + len(template.model)
+    return max(0, n_ctx - max_new_tokens - overhead - reserve)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _speaker_line(turn: PromptTurn) -> str:
+    name = " ".join(turn.speaker.split()) if turn.speaker else ""
+    return f"{name}: {turn.text}" if name else turn.text
+
+
+def _runs(turns: Sequence[PromptTurn]) -> list[list[PromptTurn]]:
+    """Group turns into prompt blocks: each model turn alone, consecutive user turns together."""
+    runs: list[list[PromptTurn]] = []
+    for turn in turns:
+        if turn.role not in ("user", "model"):
+            raise ValueError(f"unknown turn role {turn.role!r}")
+        if turn.role == "user" and runs and runs[-1][0].role == "user":
+            runs[-1].append(turn)
+        else:
+            runs.append([turn])
+    return runs
+
+
+def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int, max_new_tokens: int) -> Prompt:
+    """Build the prompt token list, keeping the persona fixed and as many of the newest turns as fit.
+
+    The prompt plus `max_new_tokens` never exceeds `n_ctx` (exactly full is allowed). Raises
+    PromptTooLarge when the persona alone does not fit and MessageTooLarge when the newest turn does not.
+    """
+    if n_ctx <= 0 or max_new_tokens < 0:
+        raise ValueError("n_ctx must be positive and max_new_tokens non-negative")
+    turns = conversation.turns
+    if conversation.continue_last and (not turns or turns[-1].role != "model"):
+        raise ValueError("continue_last needs a model turn last")
+    runs = _runs(turns)
+
+    template = _template(tokenizer)
+
+    def piece(text: str) -> list[int]:
+        return _piece_tokens(tokenizer, template.probe, text)
+
+    persona = piece(neutralise(conversation.system))
+    head = [*template.opening, *persona]
+    closing = [] if conversation.continue_last else list(template.model)
+    room = n_ctx - max_new_tokens - len(head) - len(closing)
+    if room < 0:
+        raise PromptTooLarge(len(persona), max(0, len(persona) + room))
+
+    blocks: list[list[int]] = []  # newest first
+    used = 0
+    for run in reversed(runs):
+        if run[0].role == "model":
+            block = [*template.model, *piece(neutralise(run[0].text))]
+            if len(block) > room:
+                if used == 0:
+                    raise MessageTooLarge(len(block), room)
+                break
+            blocks.append(block)
+            room -= len(block)
+            used += 1
+            continue
+        # The whole run is neutralised together so a marker split across lines is caught, and
+        # independently of how much of it fits, so a kept line tokenizes the same whatever the window.
+        lines = _neutralise_parts([_speaker_line(turn) for turn in run])
+        kept: list[list[int]] = []  # newest first
+        for line in reversed(lines):
+            tokens = piece(line)
+            cost = len(tokens) + (len(template.newline) if kept else len(template.user))
+            if cost > room:
+                if used == 0:
+                    raise MessageTooLarge(cost, room)
+                break
+            kept.append(tokens)
+            room -= cost
+            used += 1
+        if kept:
+            block = list(template.user)
+            for number, tokens in enumerate(reversed(kept)):
+                if number:
+                    block.extend(template.newline)
+                block.extend(tokens)
+            blocks.append(block)
+        if len(kept) < len(lines):
+            break
+
+    tokens = list(head)
+    for block in reversed(blocks):
+        tokens.extend(block)
+    tokens.extend(closing)
+    return Prompt(tokens=tokens, turns_used=used, system_tokens=len(head))
