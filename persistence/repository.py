@@ -479,3 +479,71 @@ class Repository:
         async with self.db.read() as s:
             row = await s.scalar(recent_turns_query(session_id, 1))
             return None if row is None else _turn(row)
+
+    # --- user data ---------------------------------------------------------------------------------
+
+    async def session_turns(self, session_id: int, *, after_id: int = 0, limit: int = 1000) -> list[Turn]:
+        """A page of a session's turns, oldest first, with ids above `after_id` (for exports)."""
+        query = (
+            select(TurnRow)
+            .where(TurnRow.session_id == session_id, TurnRow.id > after_id)
+            .order_by(TurnRow.id)
+            .limit(limit)
+            .options(selectinload(TurnRow.messages))
+        )
+        async with self.db.read() as s:
+            return [_turn(r) for r in await s.scalars(query)]
+
+    async def user_turns(self, user_id: int, guild_id: int | None) -> list[tuple[str, Turn]]:
+        """Every turn a user wrote in one guild (archived sessions included), with its channel key."""
+        query = (
+            select(ChannelSessionRow.channel_key, TurnRow)
+            .join(ChannelSessionRow, ChannelSessionRow.id == TurnRow.session_id)
+            .where(TurnRow.author_id == user_id, _guild_filter(guild_id))
+            .order_by(TurnRow.id)
+            .options(selectinload(TurnRow.messages))
+        )
+        async with self.db.read() as s:
+            return [(key, _turn(row)) for key, row in (await s.execute(query)).all()]
+
+    async def forget_user(self, user_id: int, guild_id: int | None, *, placeholder: str = "[removed]") -> int:
+        """Delete a user's turns in one guild and scrub their names from the model turns there.
+
+        Returns how many of the user's turns were deleted. Model replies stay (they belong to the
+        conversation), but every display name the user wrote under is replaced by `placeholder`.
+        """
+        async with self.db.write() as s:
+            sessions = select(ChannelSessionRow.id).where(_guild_filter(guild_id))
+            mine = select(TurnRow).where(TurnRow.author_id == user_id, TurnRow.session_id.in_(sessions))
+            rows = list(await s.scalars(mine))
+            names = {r.author_name for r in rows if r.author_name.strip()}
+            touched = {r.session_id for r in rows}
+            for row in rows:
+                await s.delete(row)
+            if names and touched:
+                others = select(TurnRow).where(
+                    TurnRow.session_id.in_(touched), TurnRow.author_id.is_distinct_from(user_id)
+                )
+                for row in await s.scalars(others):
+                    content = row.content
+                    for name in sorted(names, key=len, reverse=True):
+                        content = content.replace(name, placeholder)
+                    row.content = content
+            await s.commit()
+        log.info("forgot user %s in guild %s: %d turns deleted", user_id, guild_id, len(rows))
+        return len(rows)
+
+    async def unanswered_sessions(self) -> list[tuple[ChannelSession, Turn]]:
+        """Active sessions whose newest turn is a user turn (e.g. the process died mid-reply)."""
+        found = []
+        for session in await self.list_active_sessions():
+            latest = await self.latest_turn(session.id)
+            if latest is not None and latest.role is Role.USER:
+                found.append((session, latest))
+        return found
+
+
+def _guild_filter(guild_id: int | None) -> Any:
+    if guild_id is None:
+        return ChannelSessionRow.guild_id.is_(None)
+    return ChannelSessionRow.guild_id == guild_id

@@ -1,0 +1,113 @@
+"""User data: export, forget, unanswered sessions, and consistent backups of a live database."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from persistence.backup import BackupError, backup_database
+from persistence.database import Database
+from persistence.records import Role
+from persistence.repository import Repository
+
+
+async def seeded(db_url: str) -> tuple[Database, Repository, list[int]]:
+    db = await Database.open(db_url)
+    repo = Repository(db)
+    a = await repo.start_session("discord:1", guild_id=10, persona_text="p")
+    b = await repo.start_session("discord:2", guild_id=10, persona_text="p")
+    other = await repo.start_session("discord:3", guild_id=20, persona_text="p")
+    await repo.append_turn(a.id, Role.USER, "I am Alice", author_id=1, author_name="Alice", message_ids=[100])
+    await repo.append_turn(a.id, Role.MODEL, "Hello Alice, welcome!")
+    await repo.append_turn(a.id, Role.USER, "hi all", author_id=2, author_name="Bob")
+    await repo.append_turn(b.id, Role.USER, "Alice again", author_id=1, author_name="Alice")
+    await repo.append_turn(other.id, Role.USER, "Alice elsewhere", author_id=1, author_name="Alice")
+    return db, repo, [a.id, b.id, other.id]
+
+
+async def test_user_turns_cover_one_guild_only(db_url):
+    db, repo, _ = await seeded(db_url)
+    try:
+        mine = await repo.user_turns(1, 10)
+        assert [(key, t.content) for key, t in mine] == [("discord:1", "I am Alice"), ("discord:2", "Alice again")]
+    finally:
+        await db.close()
+
+
+async def test_forget_leaves_nothing_of_the_user_in_that_guild(db_url):
+    db, repo, (a, b, _) = await seeded(db_url)
+    try:
+        assert await repo.forget_user(1, 10) == 2
+        assert await repo.user_turns(1, 10) == []
+        remaining = [t for s in (a, b) for t in await repo.session_turns(s)]
+        assert all("Alice" not in t.content and t.author_id != 1 for t in remaining)
+        assert [t.content for t in remaining] == ["Hello [removed], welcome!", "hi all"]
+        assert await repo.turn_by_message(100) is None
+        # Another guild is untouched.
+        assert [t.content for _, t in await repo.user_turns(1, 20)] == ["Alice elsewhere"]
+    finally:
+        await db.close()
+
+
+async def test_unanswered_sessions_finds_a_user_turn_without_reply(db_url):
+    db, repo, (a, b, other) = await seeded(db_url)
+    try:
+        unanswered = {s.id: t.content for s, t in await repo.unanswered_sessions()}
+        assert unanswered == {a: "hi all", b: "Alice again", other: "Alice elsewhere"}
+        await repo.append_turn(a, Role.MODEL, "Hi Bob")
+        await repo.set_session_active(b, False)
+        assert {s.id for s, _ in await repo.unanswered_sessions()} == {other}
+    finally:
+        await db.close()
+
+
+async def test_backup_is_consistent_while_writes_run(db_url, tmp_path):
+    db = await Database.open(db_url)
+    repo = Repository(db)
+    session = await repo.start_session("discord:1", guild_id=1, persona_text="p")
+    stop = asyncio.Event()
+
+    async def writer(n: int) -> int:
+        count = 0
+        while not stop.is_set():
+            await repo.append_turn(session.id, Role.USER, f"w{n}-{count}", author_id=n, author_name=f"u{n}")
+            count += 1
+        return count
+
+    writers = [asyncio.create_task(writer(n)) for n in range(3)]
+    try:
+        await asyncio.sleep(0.3)
+        sizes = [await backup_database(db_url, tmp_path / f"backup{i}.db") for i in range(3)]
+    finally:
+        stop.set()
+        written = sum(await asyncio.gather(*writers))
+        await db.close()
+    assert all(size > 0 for size in sizes)
+    counts = []
+    for i in range(3):
+        con = sqlite3.connect(tmp_path / f"backup{i}.db")
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        counts.append(con.execute("SELECT count(*) FROM turns").fetchone()[0])
+        con.close()
+    assert counts == sorted(counts) and counts[-1] <= written
+    assert counts[0] > 0
+    # The copy opens as a Tavernkeep database.
+    copy = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'backup2.db'}")
+    assert await Repository(copy).count_turns(session.id) == counts[-1]
+    await copy.close()
+
+
+async def test_backup_errors_are_one_line(db_url, tmp_path):
+    with pytest.raises(BackupError, match="SQLite files only"):
+        await backup_database("postgresql+asyncpg://u@h/db", tmp_path / "x.db")
+    with pytest.raises(BackupError, match="database file not found"):
+        await backup_database(db_url, tmp_path / "x.db")
+    db = await Database.open(db_url)
+    await db.close()
+    (tmp_path / "exists.db").write_bytes(b"")
+    with pytest.raises(BackupError, match="already exists"):
+        await backup_database(db_url, tmp_path / "exists.db")
+    with pytest.raises(BackupError, match=r"cannot write|backup failed"):
+        await backup_database(db_url, tmp_path / "missing-dir" / "x.db")
