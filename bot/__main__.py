@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
+import discord
+
 from bot.chat import run_chat
-from bot.config import ConfigError, Settings, check_model_file, load_settings
+from bot.config import ConfigError, Settings, check_model_file, discord_token, load_settings
 from bot.demo_model import DemoModelError, resolve_model_path
+from bot.discord_bot import TavernBot, create_bot
 from bot.engine import Engine, ModelLoadError
 from bot.errors import TavernError
 from bot.llama_backend import llama_engine
@@ -24,6 +30,12 @@ from persistence.repository import Repository
 log = logging.getLogger("tavernkeep")
 
 EXIT_CONFIG = 2
+# Seconds running replies get to finish after SIGINT/SIGTERM before they are cut (and stored as interrupted).
+SHUTDOWN_GRACE = 30.0
+INTENTS_HELP = (
+    "Discord refused the bot's privileged intents: enable \"Message Content Intent\" and \"Server Members "
+    "Intent\" for this bot in the Discord developer portal (your application → Bot → Privileged Gateway Intents)"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     chat.add_argument("--persona", help="persona text, or @FILE to read it from a file")
     chat.add_argument("--session", default="default", help="session name; history persists and resumes")
     chat.add_argument("--name", default=None, help="your speaker name (default: your login name)")
+    run = sub.add_parser("run", help="run the Discord bot (the token is read from DISCORD_TOKEN)")
+    # Also accepted after the subcommand (`tavernkeep run --config PATH`); SUPPRESS keeps the global one.
+    run.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                     help="TOML config file (default: ./config.toml if it exists)")
     return parser.parse_args(argv)
 
 
@@ -93,6 +109,40 @@ async def chat_main(settings: Settings, args: argparse.Namespace, model_path: st
                        user_name=user_name, stdin=sys.stdin, stdout=sys.stdout)
 
 
+async def serve(bot: TavernBot, token: str, *, grace: float = SHUTDOWN_GRACE) -> None:
+    """Run `bot` until Discord closes it or SIGINT/SIGTERM asks to stop; then shut down gracefully.
+
+    Login and intent errors from Discord propagate. After the first signal the handlers are removed,
+    so a second Ctrl-C stops at once.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
+            loop.add_signal_handler(sig, stop.set)
+    async with bot:
+        running = asyncio.create_task(bot.start(token), name="discord")
+        stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            for sig in signals:
+                with contextlib.suppress(NotImplementedError):
+                    loop.remove_signal_handler(sig)
+        if stop.is_set():
+            log.info("stop requested: shutting down")
+            await bot.shutdown(grace)
+        await running
+
+
+async def run_main(settings: Settings, model_path: str, token: str) -> None:
+    """Run the Discord bot over the llama engine and the configured database."""
+    async with services(settings, llama_engine(settings, model_path)) as service:
+        await serve(create_bot(settings, engine=service.engine, database=service.repo.db), token)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
     args = parse_args(argv)
@@ -100,13 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(args)
         logging.basicConfig(level=settings.logging.level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        # Checked before the model is resolved (which may download it) so a missing token fails fast.
+        token = discord_token() if args.command == "run" else ""
         model_path = model_path_for(settings)
         if args.command == "chat":
             persona = read_persona(args.persona)
             asyncio.run(chat_main(settings, args, model_path, persona))
+        elif args.command == "run":
+            asyncio.run(run_main(settings, model_path, token))
     except ConfigError as exc:
         print(f"tavernkeep: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except discord.LoginFailure as exc:
+        print(f"tavernkeep: DISCORD_TOKEN: Discord rejected the token ({exc})", file=sys.stderr)
+        return EXIT_CONFIG
+    except discord.PrivilegedIntentsRequired:
+        print(f"tavernkeep: {INTENTS_HELP}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (aiohttp.ClientError, discord.GatewayNotFound, discord.HTTPException) as exc:
+        print(f"tavernkeep: cannot reach Discord: {exc}", file=sys.stderr)
+        return 1
     except ModelLoadError as exc:
         print(f"tavernkeep: model.path: cannot load the model: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -63,12 +63,16 @@ class ReplyStream:
         *,
         prefix: str = "",
         continues: Turn | None = None,
+        into: Turn | None = None,
     ) -> None:
         self._service = service
         self.session = session
         self.request = request
         self.prefix = prefix
         self.continues = continues
+        # The stored model turn `save()` overwrites in place: reserved when the reply started, or the
+        # reply being regenerated. Turns stored while this one is written stay after it.
+        self.into = into
         self.raw = ""
         self.stats: GenerationStats | None = None
         self._generation = service.engine.generate(request)
@@ -96,14 +100,23 @@ class ReplyStream:
         self._generation.cancel()
 
     async def save(self, message_ids: tuple[int, ...] = ()) -> Turn | None:
-        """Store the reply as a model turn (or extend the continued one); None when it is empty."""
+        """Store the reply as a model turn (or extend the continued one); None when it is empty.
+
+        `message_ids` are all the messages showing the reply; ids the turn already has are kept. An
+        empty reply stored `into` a turn removes that turn.
+        """
         text = self.text
         status = TurnStatus.INTERRUPTED if self.interrupted else TurnStatus.COMPLETE
         repo = self._service.repo
-        if self.continues is not None:
-            turn = await repo.edit_turn(self.continues.id, text, status=status)
-            if turn is not None and message_ids:
-                await repo.add_turn_messages(turn.id, message_ids)
+        target = self.continues or self.into
+        if target is not None:
+            if not text and self.into is not None:
+                await repo.delete_turn(target.id)
+                return None
+            turn = await repo.edit_turn(target.id, text, status=status)
+            new_ids = tuple(m for m in message_ids if turn is not None and m not in turn.message_ids)
+            if turn is not None and new_ids:
+                turn = await repo.add_turn_messages(turn.id, new_ids)
             return turn
         if not text:
             return None
@@ -170,10 +183,22 @@ class ChatService:
             session.id, Role.USER, text, author_id=speaker.id, author_name=speaker.name, message_ids=ids
         )
 
-    async def reply(self, session: ChannelSession) -> ReplyStream:
-        """Start a reply to the session's stored history (queued fairly with other channels)."""
+    async def reply(self, session: ChannelSession, *, reserve: bool = False) -> ReplyStream:
+        """Start a reply to the session's stored history (queued fairly with other channels).
+
+        With `reserve`, the reply's model turn is stored right after the history is read (empty,
+        interrupted) and `save()` fills it in, so messages stored while the reply is being written
+        come after it, as they do in a channel.
+        """
         turns = await self.repo.recent_turns(session.id, self.window_turns)
-        return self._stream(session, turns, continue_last=False)
+        if not reserve:
+            return self._stream(session, turns, continue_last=False)
+        reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED)
+        try:
+            return self._stream(session, turns, continue_last=False, into=reserved)
+        except Exception:
+            await self.repo.delete_turn(reserved.id)  # the engine refused it (queue full, closing)
+            raise
 
     async def continue_reply(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Extend the model turn `turn` (the latest one) with more text."""
@@ -182,13 +207,19 @@ class ChatService:
         return stream
 
     async def regenerate(self, session: ChannelSession, turn: Turn) -> ReplyStream:
-        """Start a new reply in place of the model turn `turn`; the caller deletes it when saving."""
+        """Start a new reply in place of the model turn `turn`; `save()` overwrites `turn` where it stands."""
         turns = await self.repo.recent_turns(session.id, self.window_turns)
         kept = [t for t in turns if t.id != turn.id]
-        return self._stream(session, kept, continue_last=False)
+        return self._stream(session, kept, continue_last=False, into=turn)
 
     def _stream(
-        self, session: ChannelSession, turns: list[Turn], *, continue_last: bool, continues: Turn | None = None
+        self,
+        session: ChannelSession,
+        turns: list[Turn],
+        *,
+        continue_last: bool,
+        continues: Turn | None = None,
+        into: Turn | None = None,
     ) -> ReplyStream:
         speakers = tuple(dict.fromkeys(t.author_name for t in turns if t.role is Role.USER and t.author_name))
         request = GenerationRequest(
@@ -200,4 +231,4 @@ class ChatService:
             timeout=self.settings.engine.timeout_seconds,
         )
         prefix = (continues.content if continues else "")
-        return ReplyStream(self, session, request, prefix=prefix, continues=continues)
+        return ReplyStream(self, session, request, prefix=prefix, continues=continues, into=into)

@@ -1,0 +1,154 @@
+"""The Discord client: intents, cogs, persistent views, command sync and a graceful shutdown.
+
+`create_bot` builds everything; nothing is created at import time. The bot reuses the one service
+path (`ChatService`) and writes replies through `ChannelReplies`; cogs only parse events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import discord
+from discord.ext import commands
+
+from bot.config import Settings
+from bot.discord_errors import install_error_handler
+from bot.discord_reply import ChannelReplies, ReplyButtons
+from bot.engine import Engine
+from bot.sessions import ChatService
+from persistence.database import Database
+from persistence.repository import Repository
+
+log = logging.getLogger(__name__)
+
+# Loaded in this order by `setup_hook`; a module that fails to load is logged and skipped.
+INITIAL_EXTENSIONS = ["cogs.roleplay", "cogs.sessions", "cogs.personas", "cogs.status"]
+
+# Meta key (per application) of the hash of the last globally synced command tree.
+COMMAND_HASH_KEY = "discord.command_tree_sha256.{application_id}"
+
+# After the engine's grace period, how long reply tasks get for their last edits and saves.
+REPLY_DRAIN_SECONDS = 15.0
+
+
+def command_tree_hash(tree: discord.app_commands.CommandTree[Any]) -> str:
+    """SHA-256 of the global command definitions as Discord receives them (order-independent)."""
+    payload = sorted(
+        (command.to_dict(tree) for command in tree.get_commands()), key=lambda c: (c.get("type", 1), c["name"])
+    )
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class TavernBot(commands.Bot):
+    """Tavernkeep on Discord: roleplay replies in channels with an active session, plus slash commands."""
+
+    def __init__(self, settings: Settings, *, engine: Engine, database: Database, edit_interval: float = 1.0) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True
+        intents.members = True
+        super().__init__(
+            # No prefix commands: everything is a slash command, and `on_message` below is a no-op.
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            intents=intents,
+            # Generated text may contain @everyone or role mentions: never let any of them ping.
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        self.settings = settings
+        self.engine = engine
+        self.database = database
+        self.repo = Repository(database)
+        self.service = ChatService(self.repo, engine, settings)
+        self.replies = ChannelReplies(
+            self.service, edit_interval=edit_interval, queue_limit=settings.engine.per_channel_queue
+        )
+        self.started_at = discord.utils.utcnow()
+        self._shutting_down = False
+
+    async def setup_hook(self) -> None:
+        """Load cogs, register persistent views and the error handler, sync commands.
+
+        Safe to run again on the same object (a reconnecting test harness does).
+        """
+        for extension in INITIAL_EXTENSIONS:
+            if extension in self.extensions:
+                continue
+            try:
+                await self.load_extension(extension)
+            except Exception:
+                log.exception("failed to load extension %s", extension)
+        # Buttons of replies posted before a restart keep working: the view answers by custom_id.
+        self.add_view(ReplyButtons(self.replies))
+        install_error_handler(self)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Sync slash commands: to `discord.command_guilds` at once, else globally when they changed."""
+        guild_ids = self.settings.discord.command_guilds
+        for guild_id in guild_ids:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            try:
+                synced = await self.tree.sync(guild=guild)
+            except discord.HTTPException:
+                log.exception("cannot sync commands to guild %s", guild_id)
+            else:
+                log.info("synced %d commands to guild %s", len(synced), guild_id)
+        if guild_ids:
+            return
+        digest = command_tree_hash(self.tree)
+        key = COMMAND_HASH_KEY.format(application_id=self.application_id)
+        if await self.repo.get_meta(key) == digest:
+            log.info("slash commands unchanged; global sync skipped")
+            return
+        try:
+            synced = await self.tree.sync()
+        except discord.HTTPException:
+            log.exception("cannot sync commands globally")
+            return
+        await self.repo.set_meta(key, digest)
+        log.info("synced %d global commands (global changes can take a while to show)", len(synced))
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No prefix commands; the roleplay cog listens to messages."""
+
+    async def on_ready(self) -> None:
+        """Log where the bot is."""
+        assert self.user is not None
+        log.info("logged in as %s (%s) in %d guilds", self.user, self.user.id, len(self.guilds))
+
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown has begun: new messages and clicks are not taken."""
+        return not self._shutting_down
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking messages, let running replies finish for up to `grace` seconds, store them, close.
+
+        Replies cut at the deadline are stored as interrupted. The engine is closed here; closing it
+        again afterwards is harmless.
+        """
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        log.info("shutting down: letting running replies finish for up to %.0fs", grace)
+        await self.replies.stop_accepting()
+        await self.engine.close(grace)
+        await self.replies.drain(REPLY_DRAIN_SECONDS)
+        await self.close()
+
+
+def create_bot(settings: Settings, *, engine: Engine, database: Database, edit_interval: float = 1.0) -> TavernBot:
+    """Build the bot over a started engine and an open database.
+
+    `edit_interval` is the pause between streaming edits of a reply, in seconds.
+    If `discord.api_base_url` is set, REST calls go there (e.g. a rate-limit proxy). discord.py keeps
+    that base in the class attribute `discord.http.Route.BASE`, so it applies to the whole process.
+    """
+    if settings.discord.api_base_url:
+        discord.http.Route.BASE = settings.discord.api_base_url.rstrip("/")
+        log.info("Discord REST calls go to %s", discord.http.Route.BASE)
+    return TavernBot(settings, engine=engine, database=database, edit_interval=edit_interval)
