@@ -24,6 +24,7 @@ from bot.engine import Engine, ModelLoadError
 from bot.errors import TavernError
 from bot.llama_backend import llama_engine
 from bot.sessions import ChatService
+from persistence.backup import BackupError, backup_database
 from persistence.database import Database
 from persistence.repository import Repository
 
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Also accepted after the subcommand (`tavernkeep run --config PATH`); SUPPRESS keeps the global one.
     run.add_argument("--config", type=Path, default=argparse.SUPPRESS,
                      help="TOML config file (default: ./config.toml if it exists)")
+    backup = sub.add_parser("backup", help="write a consistent copy of the live SQLite database")
+    backup.add_argument("path", type=Path, help="the new backup file (must not exist)")
     return parser.parse_args(argv)
 
 
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(args)
         logging.basicConfig(level=settings.logging.level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if args.command == "backup":
+            size = asyncio.run(backup_database(settings.database.url, args.path))
+            print(f"Backup written: {args.path} ({size:,} bytes)")
+            return 0
         # Checked before the model is resolved (which may download it) so a missing token fails fast.
         token = discord_token() if args.command == "run" else ""
         model_path = model_path_for(settings)
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tavernkeep: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BackupError as exc:
+        print(f"tavernkeep: {exc}", file=sys.stderr)
+        return 1
     except discord.LoginFailure as exc:
         print(f"tavernkeep: DISCORD_TOKEN: Discord rejected the token ({exc})", file=sys.stderr)
         return EXIT_CONFIG

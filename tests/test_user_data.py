@@ -111,3 +111,26 @@ async def test_backup_errors_are_one_line(db_url, tmp_path):
         await backup_database(db_url, tmp_path / "exists.db")
     with pytest.raises(BackupError, match=r"cannot write|backup failed"):
         await backup_database(db_url, tmp_path / "missing-dir" / "x.db")
+
+
+def test_backup_command_copies_the_configured_database(tmp_path):
+    import subprocess
+    import sys
+
+    source = tmp_path / "live.db"
+    con = sqlite3.connect(source)
+    con.execute("CREATE TABLE t (x)")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.commit()
+    con.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f"[database]\nurl = 'sqlite+aiosqlite:///{source}'\n", encoding="utf-8")
+    run = [sys.executable, "-m", "bot", "--config", str(config), "backup"]
+    ok = subprocess.run([*run, str(tmp_path / "copy.db")], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "Backup written" in ok.stdout
+    assert sqlite3.connect(tmp_path / "copy.db").execute("SELECT x FROM t").fetchall() == [(1,)]
+    again = subprocess.run([*run, str(tmp_path / "copy.db")], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1
+    expected = f"tavernkeep: {tmp_path / 'copy.db'} already exists; choose a new file name"
+    assert again.stderr.strip().splitlines() == [expected]
