@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GGUF_MAGIC = b"GGUF"
 ENV_PREFIX = "TAVERNKEEP_"
@@ -35,6 +35,8 @@ class ModelSettings(_Section):
     gpu_layers: int = Field(0, ge=-1, le=1000, description="layers offloaded to a GPU; -1 = all")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="reply length limit in tokens")
     seed: int = Field(-1, ge=-1, description="sampling seed; -1 = random")
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache element type (K and V)")
+    flash_attn: bool = Field(False, description="flash attention; needed by a quantized KV cache")
 
     @field_validator("path")
     @classmethod
@@ -42,6 +44,14 @@ class ModelSettings(_Section):
         if value:
             check_model_file(Path(value).expanduser())
         return value
+
+    @model_validator(mode="after")
+    def _kv_type_needs_flash_attn(self) -> ModelSettings:
+        # llama.cpp stores a quantized V cache only with flash attention; without it the context
+        # fails to load with an opaque message, so say it here.
+        if self.kv_type != "f16" and not self.flash_attn:
+            raise ValueError(f"kv_type = {self.kv_type!r} needs flash_attn = true (a quantized V cache needs it)")
+        return self
 
 
 class SamplingSettings(_Section):
@@ -62,6 +72,16 @@ class EngineSettings(_Section):
     timeout_seconds: float = Field(300.0, gt=0, le=3600, description="time limit for one reply")
 
 
+class CacheSettings(_Section):
+    """KV-cache reuse: saved channel states and the sliding window."""
+
+    ram_bytes: int = Field(512 * 2**20, ge=0, description="saved channel states kept in RAM, in bytes")
+    disk_dir: str = Field("", description="directory for states that leave RAM; empty = no disk tier")
+    disk_bytes: int = Field(4 * 2**30, ge=0, description="saved channel states kept on disk, in bytes")
+    context_shift: bool = Field(True, description="shift old turns out of the KV cache instead of re-evaluating")
+    trim_fraction: float = Field(0.25, ge=0.05, le=0.9, description="share of the turn room dropped per trim")
+
+
 class DatabaseSettings(_Section):
     """Where conversations are stored."""
 
@@ -75,6 +95,15 @@ class DiscordSettings(_Section):
     command_guilds: list[int] = Field(default_factory=list, description="guilds to sync commands to now")
     ignore_prefix: str = Field("//", max_length=16, description="messages starting with it are not answered")
     reply_mode: Literal["all", "mention"] = "all"
+    catch_up: Literal["answer", "skip"] = Field(
+        "answer", description="messages sent while the bot was away: answer them, or skip them"
+    )
+    catch_up_limit: int = Field(50, ge=1, le=100, description="most missed messages read back per channel")
+    after_crash: Literal["reply", "notice"] = Field(
+        "reply", description="a reply cut off by a crash: write it again, or post a short notice"
+    )
+    cooldown_messages: int = Field(5, ge=0, le=1000, description="messages one user may send per window; 0 = off")
+    cooldown_seconds: float = Field(30.0, gt=0, le=3600, description="the per-user rate window")
 
 
 class LoggingSettings(_Section):
@@ -89,6 +118,7 @@ class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

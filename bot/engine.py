@@ -14,13 +14,22 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull, TavernError
-from bot.prompt import Conversation, MessageTooLarge, PromptTooLarge, Tokenizer, build_prompt, count_tokens
+from bot.kv_cache import plan_window
+from bot.prompt import (
+    Conversation,
+    MessageTooLarge,
+    Prompt,
+    PromptTooLarge,
+    Tokenizer,
+    build_prompt,
+    count_tokens,
+)
 from bot.stops import StopScanner, reply_stops
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,8 @@ class GenerationStats:
     first_token_seconds: float | None
     seconds: float
     stop_reason: StopReason
+    evaluated_tokens: int = 0
+    reused_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -87,6 +98,8 @@ class Started:
     worker: int
     prompt_tokens: int
     turns_used: int
+    evaluated_tokens: int = 0
+    reused_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +142,55 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class ReusingBackend(Backend, Protocol):
+    """A backend that keeps KV caches between requests (optional; see `bot.kv_cache`).
+
+    `cached_tokens(key)` are the tokens of the KV cache `prepare(key, ...)` will start from (held
+    live or saved for `key`, else whatever the context holds). `prepare` makes the context hold
+    `key`, shifts `slide` tokens after the first `head` out of it when asked, and returns how many
+    leading tokens of `prompt` are already evaluated.
+    """
+
+    context_shift: bool
+    trim_fraction: float
+
+    def cached_tokens(self, key: str) -> Sequence[int]:
+        """Tokens of the KV cache `key` would start from."""
+        ...
+
+    def prepare(self, key: str, prompt: list[int], *, head: int = 0, slide: int = 0) -> int:
+        """Load `key`'s state for `prompt`; return the number of prompt tokens reused."""
+        ...
+
+
+def fit_window(backend: ReusingBackend, request: GenerationRequest, prompt: Prompt) -> tuple[Prompt, int]:
+    """Choose the window so the cached KV is reused; return it and the tokens to shift out of the cache.
+
+    When the window slides and the cache cannot shift, the window is trimmed by a large chunk, and
+    later turns keep that start as long as they fit, so a full re-evaluation happens only when a
+    chunk's worth of new conversation has arrived.
+    """
+    cached = backend.cached_tokens(request.key)
+    plan = plan_window(prompt.tokens, prompt.system_tokens, cached)
+    if plan.kind == "slide" and backend.context_shift:
+        return prompt, plan.offset
+    conversation, max_new = request.conversation, request.max_new_tokens
+    if plan.kind == "align":
+        size = len(prompt.tokens) - plan.offset
+        aligned = build_prompt(backend.tokenizer, conversation, n_ctx=size + max_new, max_new_tokens=max_new)
+        expected = prompt.tokens[: plan.head] + prompt.tokens[plan.head + plan.offset :]
+        return (aligned, 0) if aligned.tokens == expected else (prompt, 0)
+    if plan.kind == "slide":
+        room = backend.n_ctx - max_new - prompt.system_tokens
+        trimmed_ctx = backend.n_ctx - int(room * backend.trim_fraction)
+        try:
+            return build_prompt(backend.tokenizer, conversation, n_ctx=trimmed_ctx, max_new_tokens=max_new), 0
+        except (PromptTooLarge, MessageTooLarge):
+            return prompt, 0
+    return prompt, 0
+
+
 def run_generation(
     backend: Backend,
     request: GenerationRequest,
@@ -142,7 +204,12 @@ def run_generation(
     prompt = build_prompt(
         backend.tokenizer, request.conversation, n_ctx=backend.n_ctx, max_new_tokens=request.max_new_tokens
     )
-    emit(Started(worker, len(prompt.tokens), prompt.turns_used))
+    reused = 0
+    if isinstance(backend, ReusingBackend):
+        prompt, slide = fit_window(backend, request, prompt)
+        reused = backend.prepare(request.key, prompt.tokens, head=prompt.system_tokens, slide=slide)
+    evaluated = len(prompt.tokens) - reused
+    emit(Started(worker, len(prompt.tokens), prompt.turns_used, evaluated, reused))
     scanner = StopScanner(reply_stops(request.speakers))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     generated = 0
@@ -180,6 +247,8 @@ def run_generation(
         first_token_seconds=first_token,
         seconds=time.perf_counter() - started,
         stop_reason=reason,
+        evaluated_tokens=evaluated,
+        reused_tokens=reused,
     )
 
 
@@ -203,6 +272,7 @@ class _Worker:
     index: int
     executor: ThreadPoolExecutor
     backend: Backend
+    last_key: str | None = None
 
 
 class ModelLoadError(RuntimeError):
@@ -384,13 +454,26 @@ class Engine:
             job = self._next_job()
             if job is None:
                 break
-            worker = self._idle.popleft()
+            worker = self._pick_worker(job.request.key)
             job.running = True
             self._running[job.request.key] = job
             task = asyncio.get_running_loop().create_task(self._run(worker, job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._announce_positions()
+
+    def _pick_worker(self, key: str) -> _Worker:
+        """Take the idle worker that last served `key`, else the least recently used idle one.
+
+        Among the others, one whose channel has nothing waiting is preferred: its KV cache is the
+        cheapest to give up. `_idle` is ordered by when each worker became idle.
+        """
+        chosen = next((w for w in self._idle if w.last_key == key), None)
+        if chosen is None:
+            chosen = next((w for w in self._idle if w.last_key not in self._pending), self._idle[0])
+        self._idle.remove(chosen)
+        chosen.last_key = key
+        return chosen
 
     def _dispatch_order(self) -> list[_Job]:
         """Simulate the round-robin to tell each waiting job how many go before it."""

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from bot.config import ModelSettings, Settings
+from bot.config import CacheSettings, ModelSettings, Settings
 from bot.engine import Engine, Sampling
+from bot.kv_cache import StateCache, common_prefix
 
 log = logging.getLogger(__name__)
+
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
+_SEQ = 0  # llama-cpp-python keeps the whole context in sequence 0
 
 
 class LlamaBackend:
     """A llama.cpp context over a memory-mapped GGUF (weights are shared between workers by mmap)."""
 
-    def __init__(self, model_path: str, settings: ModelSettings) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        settings: ModelSettings,
+        *,
+        cache: StateCache | None = None,
+        cache_settings: CacheSettings | None = None,
+    ) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        kv_type = getattr(llama_cpp, KV_TYPES[settings.kv_type])
         self.llm = llama_cpp.Llama(
             model_path=model_path,
             n_ctx=settings.n_ctx,
@@ -27,11 +40,109 @@ class LlamaBackend:
             n_threads_batch=threads,
             n_gpu_layers=settings.gpu_layers,
             seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
+            type_k=kv_type,
+            type_v=kv_type,
+            flash_attn=settings.flash_attn,
             verbose=False,
         )
         self.tokenizer = self.llm
         self.n_ctx = self.llm.n_ctx()
         self._vocab = self.llm._model.vocab
+        cache_settings = cache_settings or CacheSettings()
+        self.cache = cache
+        self.key: str | None = None
+        memory = llama_cpp.llama_get_memory(self.llm._ctx.ctx)
+        self.can_shift = bool(memory is not None and llama_cpp.llama_memory_can_shift(memory))
+        self.context_shift = cache_settings.context_shift and self.can_shift
+        self.trim_fraction = cache_settings.trim_fraction
+        self.saved_bytes = 0  # size of the last state this worker saved, for the benchmarks
+
+    # ---------------------------------------------------------------- KV-cache reuse
+
+    def live_tokens(self) -> list[int]:
+        """Tokens whose keys and values the context holds now."""
+        return self.llm.input_ids[: self.llm.n_tokens].tolist()
+
+    def cached_tokens(self, key: str) -> Sequence[int]:
+        """Tokens of the KV cache a request of `key` starts from: its saved state, else the live one."""
+        if self.key != key and self.cache is not None:
+            saved = self.cache.tokens(key)
+            if saved is not None:
+                return saved
+        return self.live_tokens()
+
+    def prepare(self, key: str, prompt: list[int], *, head: int = 0, slide: int = 0) -> int:
+        """Make the context hold `key` (saving the previous channel's state); return reused prompt tokens."""
+        if self.key != key:
+            self.save_current()
+            self.key = key
+            saved = self.cache.take(key) if self.cache is not None else None
+            if saved is not None and (slide or common_prefix(saved.tokens, prompt) > common_prefix(
+                self.live_tokens(), prompt
+            )):
+                self.restore(saved.tokens, saved.data)
+            elif slide:
+                slide = 0  # planned against a state that is gone: evaluate normally
+        if slide:
+            self.shift(head, slide)
+        return self.reusable(prompt)
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens `Llama.generate` will not evaluate again (mirrors its prefix check)."""
+        llm = self.llm
+        if llm.n_tokens == 0:
+            return 0
+        common = common_prefix(self.live_tokens(), prompt)
+        if common < len(prompt):
+            return common
+        if llm.n_tokens == len(prompt) and not llm._requires_eval:
+            return common
+        return common - 1  # one token is replayed to get fresh logits
+
+    def save_current(self) -> None:
+        """Save the channel this context holds into the shared cache (per-sequence state)."""
+        if self.cache is None or self.key is None or self.llm.n_tokens == 0:
+            return
+        data = self.state_bytes()
+        self.saved_bytes = len(data)
+        self.cache.put(self.key, self.live_tokens(), data)
+
+    def state_bytes(self) -> bytes:
+        """llama.cpp's state of sequence 0 (the KV cache of the live tokens)."""
+        lib, ctx = self._llama_cpp, self.llm._ctx.ctx
+        size = lib.llama_state_seq_get_size(ctx, _SEQ)
+        buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(ctx, buffer, size, _SEQ)
+        if written == 0 or written > size:
+            raise RuntimeError("llama.cpp could not copy the sequence state")
+        return bytes(memoryview(buffer)[:written])
+
+    def restore(self, tokens: Sequence[int], data: bytes) -> None:
+        """Load a state saved by `state_bytes` for `tokens`; on failure the context starts empty."""
+        lib, llm = self._llama_cpp, self.llm
+        llm._ctx.kv_cache_seq_rm(_SEQ, 0, -1)
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if lib.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), _SEQ) == 0:
+            log.warning("could not restore a saved state of %d tokens; evaluating in full", len(tokens))
+            llm._ctx.kv_cache_seq_rm(_SEQ, 0, -1)
+            llm.n_tokens = 0
+        else:
+            llm.input_ids[: len(tokens)] = tokens
+            llm.n_tokens = len(tokens)
+        llm._requires_eval = True  # the logits are not part of the state
+
+    def shift(self, head: int, count: int) -> None:
+        """Drop `count` cached tokens after the first `head` and move the rest down (context shift)."""
+        lib, llm = self._llama_cpp, self.llm
+        end = llm.n_tokens
+        if not self.can_shift or count <= 0 or head + count > end:
+            return
+        memory = lib.llama_get_memory(llm._ctx.ctx)
+        lib.llama_memory_seq_rm(memory, _SEQ, head, head + count)
+        lib.llama_memory_seq_add(memory, _SEQ, head + count, end, -count)
+        llm.input_ids[head : end - count] = llm.input_ids[head + count : end].copy()
+        llm.n_tokens = end - count
+        llm._requires_eval = True
 
     def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         """Yield sampled tokens; llama-cpp-python reuses the longest cached prefix of `prompt`."""
@@ -59,10 +170,16 @@ class LlamaBackend:
         self.llm.close()
 
 
-def llama_engine(settings: Settings, model_path: str) -> Engine:
+def state_cache(settings: CacheSettings) -> StateCache:
+    """The saved-state cache the workers of one engine share."""
+    return StateCache(settings.ram_bytes, settings.disk_dir or None, settings.disk_bytes)
+
+
+def llama_engine(settings: Settings, model_path: str, cache: StateCache | None = None) -> Engine:
     """An unstarted Engine whose workers each own a LlamaBackend over `model_path`."""
+    shared = cache if cache is not None else state_cache(settings.cache)
     return Engine(
-        lambda: LlamaBackend(model_path, settings.model),
+        lambda: LlamaBackend(model_path, settings.model, cache=shared, cache_settings=settings.cache),
         workers=settings.model.workers,
         queue_size=settings.engine.queue_size,
         per_key_queue=settings.engine.per_channel_queue,
