@@ -18,6 +18,8 @@ from bot.config import Settings
 from bot.discord_errors import install_error_handler
 from bot.discord_reply import ChannelReplies, ReplyButtons
 from bot.engine import Engine
+from bot.limits import MessageCooldown
+from bot.recovery import Recovery
 from bot.sessions import ChatService
 from persistence.database import Database
 from persistence.repository import Repository
@@ -25,7 +27,7 @@ from persistence.repository import Repository
 log = logging.getLogger(__name__)
 
 # Loaded in this order by `setup_hook`; a module that fails to load is logged and skipped.
-INITIAL_EXTENSIONS = ["cogs.roleplay", "cogs.sessions", "cogs.personas", "cogs.status"]
+INITIAL_EXTENSIONS = ["cogs.roleplay", "cogs.sessions", "cogs.personas", "cogs.status", "cogs.privacy"]
 
 # Meta key (per application) of the hash of the last globally synced command tree.
 COMMAND_HASH_KEY = "discord.command_tree_sha256.{application_id}"
@@ -65,14 +67,22 @@ class TavernBot(commands.Bot):
         self.replies = ChannelReplies(
             self.service, edit_interval=edit_interval, queue_limit=settings.engine.per_channel_queue
         )
+        self.cooldown = MessageCooldown(settings.discord.cooldown_messages, settings.discord.cooldown_seconds)
+        # Answers what a crash or an outage left unanswered (see `cogs.roleplay.Roleplay.on_ready`).
+        self.recovery = Recovery(self.service, self.replies, settings.discord)
         self.started_at = discord.utils.utcnow()
         self._shutting_down = False
 
     async def setup_hook(self) -> None:
-        """Load cogs, register persistent views and the error handler, sync commands.
+        """Note what the last run left unanswered; load cogs, register views and the error handler, sync.
 
         Safe to run again on the same object (a reconnecting test harness does).
         """
+        try:
+            # Before any event is handled, so no reply of this process is taken for a crashed one.
+            await self.recovery.scan()
+        except Exception:
+            log.exception("cannot check for replies cut short by the last run")
         for extension in INITIAL_EXTENSIONS:
             if extension in self.extensions:
                 continue

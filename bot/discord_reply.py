@@ -53,11 +53,17 @@ EMPTY_NOTICE = "*The character has nothing to say. Try again or rephrase.*"
 TIMEOUT_NOTICE = "*The reply hit the time limit and was cut short.*"
 CANCELLED_NOTICE = "*The reply was cancelled.*"
 FAILED_NOTICE = "Something went wrong while writing the reply. It has been logged."
+SAVE_FAILED_NOTICE = "I couldn't save that message, so I can't answer it. Please try again in a moment."
+DISCORD_TROUBLE_NOTICE = "Discord kept failing while I posted the reply (HTTP {status}). Please try again in a moment."
 NOTHING_NEW_NOTICE = "The model had nothing new to say; the reply is unchanged."
 NOTHING_TO_ADD_NOTICE = "The character has nothing to add."
 NOT_LATEST = "Only the latest reply of this channel's session can be {verb}."
 NOT_IN_SESSION = "This reply is not part of an active roleplay session."
 CANNOT_TALK = "You can't talk in this channel."
+PAUSED_NOTICE = (
+    "I'm missing permissions in this channel, so its roleplay session is paused. Someone with Manage Server "
+    "can fix my permissions and run /session start."
+)
 CHANNEL_BUSY = "This channel already has too many replies waiting. Please wait for them first."
 
 # Newest turns read to find the last user turn and the previous reply (whose buttons go away).
@@ -179,8 +185,11 @@ class ReplyMessages:
         messages: Sequence[discord.Message | discord.PartialMessage] = (),
         shown: Sequence[str] = (),
         retry_delays: Sequence[float] = (0.5, 1.0, 2.0),
+        on_post: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.channel = channel
+        # Awaited with the id of every message posted for the reply, as soon as it is up.
+        self.on_post = on_post
         self.messages = list(messages)
         self.shown = list(shown)
         self.created: list[int] = []
@@ -246,6 +255,8 @@ class ReplyMessages:
         self.messages.append(message)
         self.shown.append(part)
         self.created.append(message.id)
+        if self.on_post is not None:
+            await self.on_post(message.id)
 
     async def _delete(self, message: discord.Message | discord.PartialMessage) -> None:
         self._own_deletes.add(message.id)
@@ -397,6 +408,31 @@ class ChannelReplies:
         target = self._target(channel, [channel.get_partial_message(m) for m in message_ids])
         await target.discard()
 
+    async def announce(self, channel: ReplyChannel, text: str) -> None:
+        """Post a short notice in the channel (a missing permission there pauses its session)."""
+        await self._notice(_Job("reply", channel, None), text)
+
+    async def pause(self, channel: ReplyChannel, error: discord.Forbidden) -> None:
+        """Pause the channel's session after Discord refused the bot there, and drop its waiting jobs.
+
+        The other channels carry on; `/session start` resumes this one once the permissions are fixed.
+        """
+        dropped = list(self._jobs.get(channel.id, ()))
+        if channel.id in self._jobs:
+            self._jobs[channel.id].clear()
+        guild = getattr(channel, "guild", None)
+        where = f"channel {channel.id} (#{getattr(channel, 'name', '?')}, guild {guild.id if guild else None})"
+        try:
+            session = await self.service.repo.get_active_session(channel_key(channel.id))
+            if session is not None and session.active:
+                await self.service.repo.set_session_active(session.id, False)
+        except Exception:
+            log.exception("cannot pause the roleplay session of %s", where)
+        log.warning("missing permissions in %s: %s; paused its roleplay session until /session start", where, error)
+        for job in dropped:
+            if job.interaction is not None:
+                await self.tell(job.interaction, PAUSED_NOTICE)
+
     async def tell(self, interaction: discord.Interaction, text: str) -> None:
         """Send `text` to the clicker only, whether or not the click was answered already."""
         try:
@@ -455,7 +491,17 @@ class ChannelReplies:
                 await self._rework(job)
         except ReplyDeleted:
             log.info("a reply in channel %s was deleted while being written; dropped it", job.channel.id)
-        except Exception:
+        except discord.Forbidden as exc:
+            await self.pause(job.channel, exc)
+            if job.interaction is not None:
+                await self.tell(job.interaction, PAUSED_NOTICE)
+        except Exception as exc:
+            if isinstance(exc, discord.HTTPException) and is_transient(exc):
+                # The retries are spent: say so plainly instead of a generic apology.
+                log.warning("%s gave up after repeated Discord errors (%s): %s", job.kind,
+                            context_of(job.channel, job.user), exc)
+                await self._notice(job, DISCORD_TROUBLE_NOTICE.format(status=exc.status))
+                return
             log.exception("%s failed (%s)", job.kind, context_of(job.channel, job.user))
             await self._notice(job, FAILED_NOTICE)
 
@@ -466,6 +512,8 @@ class ChannelReplies:
             return
         try:
             await job.channel.send(text)
+        except discord.Forbidden as exc:
+            await self.pause(job.channel, exc)
         except discord.HTTPException:
             log.exception("cannot post a notice (%s)", context_of(job.channel, job.user))
 
@@ -503,6 +551,10 @@ class ChannelReplies:
     async def _write_reply(self, job: _Job, stream: ReplyStream, previous: int | None) -> bool:
         """Show and store a new reply; True once it is stored."""
         target = self._target(job.channel)
+        if stream.into is not None:
+            # Each message is mapped to the reserved turn as soon as it is posted: after a crash the
+            # restarted bot can then find the half-written reply and take it down (`bot.recovery`).
+            target.on_post = partial(self._record_part, stream.into.id, job.channel.id)
         try:
             text = await self._pump(job.channel, stream, target)
         except (TavernError, PromptTooLarge, MessageTooLarge) as exc:
@@ -521,6 +573,13 @@ class ChannelReplies:
         if previous is not None:
             await self._remove_buttons(job.channel, previous)
         return True
+
+    async def _record_part(self, turn_id: int, channel_id: int, message_id: int) -> None:
+        try:
+            await self.service.repo.add_turn_messages(turn_id, [message_id])
+        except Exception as exc:
+            # Not fatal: `save()` maps every message of the reply again when it is stored.
+            log.warning("cannot map message %s to its reply in channel %s yet: %s", message_id, channel_id, exc)
 
     async def _rework(self, job: _Job) -> None:
         checked = await self._latest_reply(job.channel.id, job.message_id or 0, job.kind)

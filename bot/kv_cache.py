@@ -111,12 +111,12 @@ class SavedState:
     """One channel's KV state: the tokens it was computed from and llama.cpp's sequence state bytes."""
 
     tokens: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
 
     @property
     def nbytes(self) -> int:
         """Bytes this entry takes (state plus its token list)."""
-        return len(self.data) + 4 * len(self.tokens)
+        return memoryview(self.data).nbytes + 4 * len(self.tokens)
 
 
 @dataclass(slots=True)
@@ -194,9 +194,14 @@ class StateCache:
                 return self._disk[key].tokens
             return None
 
-    def put(self, key: str, tokens: Sequence[int], data: bytes) -> bool:
-        """Save `key`'s state (replacing any older one); False if it fits in no tier."""
-        entry = SavedState(tuple(tokens), bytes(data))
+    def put(self, key: str, tokens: Sequence[int], data: bytes | bytearray | memoryview) -> bool:
+        """Save `key`'s state (replacing any older one); False if it fits in no tier.
+
+        `bytes` and read-only memoryviews are kept as they are (the caller hands them over): a
+        state is tens of megabytes, and copying it holds the GIL long enough to stall the event
+        loop. Anything writable is copied.
+        """
+        entry = SavedState(tuple(tokens), _frozen(data))
         with self._lock:
             self._remove(key)
             if entry.nbytes <= self.ram_budget:
@@ -278,10 +283,19 @@ class StateCache:
         return True
 
 
+def _frozen(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    if isinstance(data, bytes):
+        return data
+    view = memoryview(data)
+    if view.readonly:
+        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return view.tobytes()
+
+
 def _write_state(path: Path, entry: SavedState) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as fh:
-        fh.write(_MAGIC + struct.pack("<QQ", len(entry.tokens), len(entry.data)))
+        fh.write(_MAGIC + struct.pack("<QQ", len(entry.tokens), memoryview(entry.data).nbytes))
         fh.write(array("i", entry.tokens).tobytes())
         fh.write(entry.data)
     os.replace(tmp, path)

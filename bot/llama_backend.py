@@ -6,6 +6,9 @@ import ctypes
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 from bot.config import CacheSettings, ModelSettings, Settings
 from bot.engine import Engine, Sampling
@@ -15,6 +18,34 @@ log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
 _SEQ = 0  # llama-cpp-python keeps the whole context in sequence 0
+_BYTE_POINTER = ctypes.POINTER(ctypes.c_uint8)
+
+
+# Tokens per llama.cpp batch. The compute buffer grows with it (its worst case holds logits for
+# every token of a batch: n_batch x n_vocab floats); on CPU, prompt speed is the same from about
+# 128 tokens up, so 256 keeps each worker about 40 MiB smaller than llama-cpp-python's 512.
+N_BATCH = 256
+
+
+def llama_params(model_path: str, settings: ModelSettings, *, n_batch: int = N_BATCH) -> dict[str, Any]:
+    """Keyword arguments of the `llama_cpp.Llama` each worker runs (also for side-by-side baselines)."""
+    import llama_cpp
+
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    kv_type = getattr(llama_cpp, KV_TYPES[settings.kv_type])
+    return {
+        "model_path": model_path,
+        "n_ctx": settings.n_ctx,
+        "n_batch": n_batch,
+        "n_threads": threads,
+        "n_threads_batch": threads,
+        "n_gpu_layers": settings.gpu_layers,
+        "seed": settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
+        "type_k": kv_type,
+        "type_v": kv_type,
+        "flash_attn": settings.flash_attn,
+        "verbose": False,
+    }
 
 
 class LlamaBackend:
@@ -27,24 +58,12 @@ class LlamaBackend:
         *,
         cache: StateCache | None = None,
         cache_settings: CacheSettings | None = None,
+        n_batch: int = N_BATCH,
     ) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
-        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
-        kv_type = getattr(llama_cpp, KV_TYPES[settings.kv_type])
-        self.llm = llama_cpp.Llama(
-            model_path=model_path,
-            n_ctx=settings.n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=settings.gpu_layers,
-            seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-            type_k=kv_type,
-            type_v=kv_type,
-            flash_attn=settings.flash_attn,
-            verbose=False,
-        )
+        self.llm = llama_cpp.Llama(**llama_params(model_path, settings, n_batch=n_batch))
         self.tokenizer = self.llm
         self.n_ctx = self.llm.n_ctx()
         self._vocab = self.llm._model.vocab
@@ -107,22 +126,27 @@ class LlamaBackend:
         self.saved_bytes = len(data)
         self.cache.put(self.key, self.live_tokens(), data)
 
-    def state_bytes(self) -> bytes:
-        """llama.cpp's state of sequence 0 (the KV cache of the live tokens)."""
+    def state_bytes(self) -> memoryview:
+        """llama.cpp's state of sequence 0 (the KV cache of the live tokens), as a read-only buffer.
+
+        The state is tens of megabytes. llama.cpp copies it straight into an uninitialised
+        buffer while the GIL is released; zeroing a ctypes array and copying it into `bytes`
+        would hold the GIL for tens of milliseconds and stall the event loop.
+        """
         lib, ctx = self._llama_cpp, self.llm._ctx.ctx
         size = lib.llama_state_seq_get_size(ctx, _SEQ)
-        buffer = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(ctx, buffer, size, _SEQ)
+        buffer = np.empty(size, dtype=np.uint8)
+        written = lib.llama_state_seq_get_data(ctx, buffer.ctypes.data_as(_BYTE_POINTER), size, _SEQ)
         if written == 0 or written > size:
             raise RuntimeError("llama.cpp could not copy the sequence state")
-        return bytes(memoryview(buffer)[:written])
+        return memoryview(buffer[:written]).toreadonly()
 
-    def restore(self, tokens: Sequence[int], data: bytes) -> None:
+    def restore(self, tokens: Sequence[int], data: bytes | memoryview) -> None:
         """Load a state saved by `state_bytes` for `tokens`; on failure the context starts empty."""
         lib, llm = self._llama_cpp, self.llm
         llm._ctx.kv_cache_seq_rm(_SEQ, 0, -1)
-        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if lib.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), _SEQ) == 0:
+        source = np.frombuffer(data, dtype=np.uint8)  # no copy: llama.cpp only reads it
+        if lib.llama_state_seq_set_data(llm._ctx.ctx, source.ctypes.data_as(_BYTE_POINTER), source.size, _SEQ) == 0:
             log.warning("could not restore a saved state of %d tokens; evaluating in full", len(tokens))
             llm._ctx.kv_cache_seq_rm(_SEQ, 0, -1)
             llm.n_tokens = 0

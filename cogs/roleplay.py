@@ -4,7 +4,8 @@ and deletions, and ask for replies.
 A message is stored as a turn before any reply is generated. Messages that arrive while a reply is
 being written are stored at once and answered together by the next reply, which reads them after the
 reply they interrupted (see `bot.discord_reply`). A replayed gateway event (same message id) is
-ignored.
+ignored. Messages sent while the bot was away are read back from the channel on READY (see
+`bot.recovery`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from discord.ext import commands
 
 from bot.discord_bot import TavernBot
 from bot.discord_keys import channel_key
-from bot.discord_reply import FAILED_NOTICE, ReplyChannel, context_of
+from bot.discord_reply import SAVE_FAILED_NOTICE, ReplyChannel, context_of
 from bot.sessions import Speaker
 from persistence.errors import DuplicateMessage
 from persistence.records import ChannelSession, Role
@@ -91,14 +92,20 @@ class Roleplay(commands.Cog):
             if not self._wants(session, message, text):
                 return
             assert session is not None
+            if not await self.bot.cooldown.admit(message):
+                return  # over the member's message limit: told so, neither stored nor answered
             speaker = Speaker(message.author.id, message.author.display_name)
             async with self.bot.replies.storing(message.channel.id):
                 await self.bot.service.add_user_turn(session, speaker, text, message_id=message.id)
         except DuplicateMessage:
             return  # a replayed MESSAGE_CREATE: this message was stored (and answered) already
         except Exception:
-            log.exception("cannot store a message (%s)", context_of(message.channel, message.author))
-            await message.channel.send(FAILED_NOTICE)
+            # Nothing is answered that is not stored (e.g. a read-only or full disk): say so instead.
+            log.exception("cannot store message %s (%s)", message.id, context_of(message.channel, message.author))
+            try:
+                await message.channel.send(SAVE_FAILED_NOTICE)
+            except discord.HTTPException as exc:
+                log.warning("cannot tell channel %s that a message was not saved: %s", message.channel.id, exc)
             return
         self.bot.replies.request_reply(message.channel, message.author)
 
@@ -144,6 +151,23 @@ class Roleplay(commands.Cog):
                     await self.bot.replies.delete_messages(channel, rest)
         except Exception:
             log.exception("cannot apply a message deletion (channel=%s, messages=%s)", channel_id, message_ids)
+
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        """After a restart or a new gateway session: answer what a crash or the time away left hanging."""
+        if self.bot.accepting:
+            await self.bot.recovery.resume(self.bot.get_channel, self.missed_turn)
+
+    def missed_turn(self, message: discord.Message, session: ChannelSession) -> tuple[Speaker, str] | None:
+        """What to store for a message sent while the bot was away, or None if it would not be taken live."""
+        if message.author.bot or message.webhook_id is not None or message.guild is None:
+            return None
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return None
+        text = prompt_text(message, self._bot_id)
+        if not self._wants(session, message, text):
+            return None
+        return Speaker(message.author.id, message.author.display_name), text
 
 
 async def setup(bot: TavernBot) -> None:

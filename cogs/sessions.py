@@ -1,9 +1,13 @@
-"""/session: start, pause, reset and tune the roleplay session of a channel (Manage Server only)."""
+"""/session: start, pause, reset, tune and export the roleplay session of a channel (Manage Server only).
+
+A thread or forum post is a channel of its own here: it has its own session, started inside it, and
+a session of its parent channel does not answer in it. Stories in threads stay apart that way.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
@@ -11,11 +15,20 @@ from discord.ext import commands
 
 from bot import channel_settings, personas
 from bot.discord_errors import TavernView
-from bot.discord_keys import interaction_channel_key
-from bot.errors import NoSession
-from bot.permissions import check_admin, require_admin, require_guild
+from bot.discord_keys import channel_key, interaction_channel_key
+from bot.discord_reply import ReplyChannel
+from bot.errors import NoSession, TavernError
+from bot.permissions import (
+    WrongGuild,
+    check_admin,
+    interaction_member,
+    require_admin,
+    require_guild,
+    require_same_guild,
+)
 from cogs.personas import persona_autocomplete
-from persistence.records import ChannelSession
+from cogs.privacy import send_export
+from persistence.records import ChannelSession, Turn
 
 if TYPE_CHECKING:
     from bot.discord_bot import TavernBot
@@ -23,6 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESET_TIMEOUT = 120.0
+EXPORT_PAGE = 500  # turns read per query while exporting a session
+
+
+class CannotRead(TavernError):
+    """The member may not read the channel they asked about."""
+
+    user_message = "You can't read that channel's history, so you can't export it."
 
 
 def _range(name: str) -> str:
@@ -35,6 +55,45 @@ async def current_session(bot: TavernBot, interaction: discord.Interaction) -> C
     if session is None:
         raise NoSession("There is no roleplay session in this channel; start one with /session start.")
     return session
+
+
+def session_turn_record(turn: Turn) -> dict[str, Any]:
+    """One line of a session log: who wrote what, when, and the messages carrying it."""
+    return {
+        "id": turn.id,
+        "role": turn.role.value,
+        "author_id": None if turn.author_id is None else str(turn.author_id),
+        "name": turn.author_name,
+        "content": turn.content,
+        "created_at": turn.created_at.isoformat(),
+        "status": turn.status.value,
+        "message_ids": [str(m) for m in turn.message_ids],
+    }
+
+
+async def export_target(
+    bot: TavernBot,
+    interaction: discord.Interaction,
+    channel: app_commands.AppCommandChannel | app_commands.AppCommandThread | None,
+) -> ReplyChannel:
+    """The channel `/session export` is about: this one, or the option's, which must be of this server.
+
+    discord.py gives a channel option the interaction's guild id whatever the channel's real server,
+    so the option is looked up in the client's cache (or fetched: archived threads are not cached),
+    which knows the server each channel belongs to.
+    """
+    found: Any = interaction.channel
+    if channel is not None:
+        found = bot.get_channel(channel.id)
+        if found is None:
+            try:
+                found = await bot.fetch_channel(channel.id)
+            except (discord.NotFound, discord.Forbidden):
+                raise WrongGuild() from None
+    require_same_guild(interaction, found)
+    if not isinstance(found, ReplyChannel):
+        raise NoSession("Roleplay sessions only exist in text channels and threads.")
+    return found
 
 
 class ConfirmReset(TavernView):
@@ -180,6 +239,37 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Run t
         shown = channel_settings.describe(new, config)
         await interaction.response.send_message(
             f"Settings saved:\n{discord.utils.escape_markdown(shown)}", ephemeral=True
+        )
+
+    @app_commands.command(name="export", description="Download a channel's current session log (JSON Lines)")
+    @app_commands.describe(channel="The channel or thread to export (default: this one)")
+    async def export(
+        self,
+        interaction: discord.Interaction,
+        channel: app_commands.AppCommandChannel | app_commands.AppCommandThread | None = None,
+    ) -> None:
+        """Send the channel's open session (running or paused), every turn, as a private file."""
+        target = await export_target(self.bot, interaction, channel)
+        member = await interaction_member(interaction)
+        readable = target.permissions_for(member)
+        if not (readable.view_channel and readable.read_message_history):
+            raise CannotRead()
+        session = await self.bot.repo.get_active_session(channel_key(target.id))
+        if session is None:
+            raise NoSession(f"There is no roleplay session in #{discord.utils.escape_markdown(target.name)}.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        records: list[dict[str, Any]] = []
+        after = 0
+        while page := await self.bot.repo.session_turns(session.id, after_id=after, limit=EXPORT_PAGE):
+            records.extend(session_turn_record(turn) for turn in page)
+            after = page[-1].id
+        name = session.persona_name or "the character"
+        await send_export(
+            interaction,
+            records,
+            f"tavernkeep-session-{target.id}-{session.id}.jsonl",
+            f'The session log of #{discord.utils.escape_markdown(target.name)} with "{name}": {len(records)} turns, '
+            "one JSON object per line.",
         )
 
 

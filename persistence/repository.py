@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, String, cast, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -96,15 +97,76 @@ def _open_session_query(channel_key: str) -> Select[tuple[ChannelSessionRow]]:
     )
 
 
-def recent_turns_query(session_id: int, limit: int) -> Select[tuple[TurnRow]]:
-    """The newest `limit` turns of a session, newest first (walks the (session_id, id) index backwards)."""
+# Plain dict lookups: calling an enum per column of every turn of a window is measurable.
+_ROLES = {role.value: role for role in Role}
+_STATUSES = {status.value: status for status in TurnStatus}
+
+
+def _message_parts() -> Any:
+    """Per turn, its messages as one string `part:message_id,...` (a correlated subquery on the
+    (turn_id, part) index), so a window of turns and their messages is one statement."""
+    pair = cast(TurnMessageRow.part, String) + ":" + cast(TurnMessageRow.message_id, String)
     return (
-        select(TurnRow)
+        select(func.aggregate_strings(pair, ","))
+        .where(TurnMessageRow.turn_id == TurnRow.id)
+        .correlate(TurnRow)
+        .scalar_subquery()
+    )
+
+
+def _message_ids(parts: str | None) -> tuple[int, ...]:
+    """Message ids in part order from `_message_parts`' string."""
+    if not parts:
+        return ()
+    if "," not in parts:  # the usual case: a turn in one message
+        return (int(parts.partition(":")[2]),)
+    pairs = sorted(tuple(map(int, pair.split(":"))) for pair in parts.split(","))
+    return tuple(message_id for _, message_id in pairs)
+
+
+def recent_turns_query(session_id: int, limit: int) -> Select[Any]:
+    """The newest `limit` turns of a session with their message ids, newest first.
+
+    Walks the (session_id, id) index backwards. Plain columns, not ORM rows: a prompt window is
+    hundreds of turns, and building and tracking that many mapped objects (plus a second query
+    for their messages) costs several times what SQLite spends finding them.
+    """
+    return (
+        select(
+            TurnRow.id,
+            TurnRow.session_id,
+            TurnRow.role,
+            TurnRow.author_id,
+            TurnRow.author_name,
+            TurnRow.content,
+            TurnRow.status,
+            TurnRow.created_at,
+            _message_parts(),
+        )
         .where(TurnRow.session_id == session_id)
         .order_by(TurnRow.id.desc())
         .limit(limit)
-        .options(selectinload(TurnRow.messages))
     )
+
+
+async def _recent_turns(s: AsyncSession, session_id: int, limit: int) -> list[Turn]:
+    """The newest `limit` turns of a session, oldest first."""
+    rows = (await s.execute(recent_turns_query(session_id, limit))).all()
+    rows.reverse()
+    return [
+        Turn(
+            id=turn_id,
+            session_id=session,
+            role=_ROLES[role],
+            author_id=author_id,
+            author_name=author_name,
+            content=content,
+            status=_STATUSES[status],
+            created_at=created_at,
+            message_ids=_message_ids(parts),
+        )
+        for turn_id, session, role, author_id, author_name, content, status, created_at, parts in rows
+    ]
 
 
 def _turn_query(turn_id: int) -> Select[tuple[TurnRow]]:
@@ -415,9 +477,7 @@ class Repository:
         if limit <= 0:
             return []
         async with self.db.read() as s:
-            rows = list(await s.scalars(recent_turns_query(session_id, limit)))
-        rows.reverse()
-        return [_turn(r) for r in rows]
+            return await _recent_turns(s, session_id, limit)
 
     async def turn_by_message(self, message_id: int) -> Turn | None:
         """The turn a Discord message belongs to."""
@@ -477,8 +537,8 @@ class Repository:
     async def latest_turn(self, session_id: int) -> Turn | None:
         """The newest turn of a session."""
         async with self.db.read() as s:
-            row = await s.scalar(recent_turns_query(session_id, 1))
-            return None if row is None else _turn(row)
+            turns = await _recent_turns(s, session_id, 1)
+            return turns[0] if turns else None
 
     # --- user data ---------------------------------------------------------------------------------
 
@@ -524,23 +584,27 @@ class Repository:
                 others = select(TurnRow).where(
                     TurnRow.session_id.in_(touched), TurnRow.author_id.is_distinct_from(user_id)
                 )
+                # Whole words only, any case: scrubbing "Al" must not turn "Also" into "[removed]so".
+                pattern = re.compile(
+                    "|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(names, key=len, reverse=True)),
+                    re.IGNORECASE,
+                )
                 for row in await s.scalars(others):
-                    content = row.content
-                    for name in sorted(names, key=len, reverse=True):
-                        content = content.replace(name, placeholder)
-                    row.content = content
+                    row.content = pattern.sub(placeholder, row.content)
             await s.commit()
         log.info("forgot user %s in guild %s: %d turns deleted", user_id, guild_id, len(rows))
         return len(rows)
 
-    async def unanswered_sessions(self) -> list[tuple[ChannelSession, Turn]]:
-        """Active sessions whose newest turn is a user turn (e.g. the process died mid-reply)."""
-        found = []
-        for session in await self.list_active_sessions():
-            latest = await self.latest_turn(session.id)
-            if latest is not None and latest.role is Role.USER:
-                found.append((session, latest))
-        return found
+
+    async def newest_message_id(self, session_id: int) -> int | None:
+        """The highest Discord message id mapped to a turn of the session; None if there is none."""
+        query = (
+            select(func.max(TurnMessageRow.message_id))
+            .join(TurnRow, TurnRow.id == TurnMessageRow.turn_id)
+            .where(TurnRow.session_id == session_id)
+        )
+        async with self.db.read() as s:
+            return await s.scalar(query)
 
 
 def _guild_filter(guild_id: int | None) -> Any:

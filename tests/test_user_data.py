@@ -1,4 +1,4 @@
-"""User data: export, forget, unanswered sessions, and consistent backups of a live database."""
+"""User data: export, forget, and consistent backups of a live database."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ async def seeded(db_url: str) -> tuple[Database, Repository, list[int]]:
     b = await repo.start_session("discord:2", guild_id=10, persona_text="p")
     other = await repo.start_session("discord:3", guild_id=20, persona_text="p")
     await repo.append_turn(a.id, Role.USER, "I am Alice", author_id=1, author_name="Alice", message_ids=[100])
-    await repo.append_turn(a.id, Role.MODEL, "Hello Alice, welcome!")
+    await repo.append_turn(a.id, Role.MODEL, "Hello Alice, welcome! ALICE? Alicent is also here.")
     await repo.append_turn(a.id, Role.USER, "hi all", author_id=2, author_name="Bob")
     await repo.append_turn(b.id, Role.USER, "Alice again", author_id=1, author_name="Alice")
     await repo.append_turn(other.id, Role.USER, "Alice elsewhere", author_id=1, author_name="Alice")
@@ -42,23 +42,12 @@ async def test_forget_leaves_nothing_of_the_user_in_that_guild(db_url):
         assert await repo.forget_user(1, 10) == 2
         assert await repo.user_turns(1, 10) == []
         remaining = [t for s in (a, b) for t in await repo.session_turns(s)]
-        assert all("Alice" not in t.content and t.author_id != 1 for t in remaining)
-        assert [t.content for t in remaining] == ["Hello [removed], welcome!", "hi all"]
+        assert all("Alice " not in t.content and t.author_id != 1 for t in remaining)
+        assert [t.content for t in remaining] == [
+            "Hello [removed], welcome! [removed]? Alicent is also here.", "hi all"]
         assert await repo.turn_by_message(100) is None
         # Another guild is untouched.
         assert [t.content for _, t in await repo.user_turns(1, 20)] == ["Alice elsewhere"]
-    finally:
-        await db.close()
-
-
-async def test_unanswered_sessions_finds_a_user_turn_without_reply(db_url):
-    db, repo, (a, b, other) = await seeded(db_url)
-    try:
-        unanswered = {s.id: t.content for s, t in await repo.unanswered_sessions()}
-        assert unanswered == {a: "hi all", b: "Alice again", other: "Alice elsewhere"}
-        await repo.append_turn(a, Role.MODEL, "Hi Bob")
-        await repo.set_session_active(b, False)
-        assert {s.id for s, _ in await repo.unanswered_sessions()} == {other}
     finally:
         await db.close()
 

@@ -1,0 +1,187 @@
+"""Coming back after a crash or an outage: answer what was left hanging, once.
+
+Two things can leave a roleplay channel without an answer when the bot starts again:
+
+- A crash mid-reply. A reply reserves its model turn (empty, interrupted) when it starts and maps each
+  message it posts to that turn at once (see `ChatService.reply(reserve=True)` and
+  `bot.discord_reply`); the text is only stored when the reply is done. After a crash the turn is
+  still empty: nothing half-written is ever stored as a reply. `scan` finds such turns in
+  `setup_hook`, before any event is handled, so a reply this process starts is never mistaken for
+  one. On the first `on_ready` the half-written messages are deleted, the empty turn is dropped, and
+  the unanswered message gets a fresh reply or a short notice (`discord.after_crash`).
+- Messages sent while the bot was away. On every `on_ready` (a restart, or a reconnect with a new
+  gateway session) each active channel's history is read back, at most `discord.catch_up_limit`
+  messages, newest first. Messages newer than the newest one stored for the session are stored in
+  order and answered by one reply, or left alone when `discord.catch_up` is "skip". Message ids are
+  unique in the store and the channel's storing lock is held throughout, so nothing is stored or
+  answered twice, however often `on_ready` fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import discord
+
+from bot.config import DiscordSettings
+from bot.discord_reply import ChannelReplies, ReplyChannel
+from bot.sessions import ChatService, Speaker
+from persistence.errors import DuplicateMessage
+from persistence.records import ChannelSession, Role, Turn, TurnStatus
+
+log = logging.getLogger(__name__)
+
+CRASH_NOTICE = "*I was restarted before I could finish my reply. Say something to carry on.*"
+# Meta key of the newest user turn a crash notice was posted for: one notice per unanswered turn.
+NOTICE_KEY = "recovery.crash_notice.{session_id}"
+CHANNEL_KEY_PREFIX = "discord:"
+# Newest turns read per session to find a reply cut short by a crash.
+SCAN_TURNS = 16
+
+# Turns a missed message into what is stored for it, or None if it is not for the roleplay.
+MessageParser = Callable[[discord.Message, ChannelSession], tuple[Speaker, str] | None]
+ChannelLookup = Callable[[int], object]
+
+
+def channel_id_of(channel_key: str) -> int | None:
+    """The Discord channel id of a session key (None for sessions of other front ends)."""
+    if not channel_key.startswith(CHANNEL_KEY_PREFIX):
+        return None
+    try:
+        return int(channel_key.removeprefix(CHANNEL_KEY_PREFIX))
+    except ValueError:
+        return None
+
+
+def is_reserved_leftover(turn: Turn) -> bool:
+    """True for a model turn reserved by a reply that never stored its text."""
+    return turn.role is Role.MODEL and turn.status is TurnStatus.INTERRUPTED and not turn.content
+
+
+@dataclass(frozen=True, slots=True)
+class CrashLeftover:
+    """What a crash left in one session: reserved turns to drop, and the message left unanswered."""
+
+    session: ChannelSession
+    reserved: tuple[Turn, ...]
+    unanswered: Turn | None
+
+
+class Recovery:
+    """Crash recovery (once per process) and catch-up (on every `on_ready`) for Discord channels."""
+
+    def __init__(self, service: ChatService, replies: ChannelReplies, settings: DiscordSettings) -> None:
+        self.service = service
+        self.replies = replies
+        self.settings = settings
+        self._leftovers: dict[int, CrashLeftover] | None = None
+        self._lock = asyncio.Lock()
+
+    async def scan(self) -> None:
+        """Note what a previous process left unanswered. Call before any event is handled; runs once."""
+        if self._leftovers is not None:
+            return
+        self._leftovers = {}
+        repo = self.service.repo
+        for session in await repo.list_active_sessions():
+            channel_id = channel_id_of(session.channel_key)
+            if channel_id is None:
+                continue
+            turns = await repo.recent_turns(session.id, SCAN_TURNS)
+            reserved = tuple(t for t in turns if is_reserved_leftover(t))
+            rest = [t for t in turns if not is_reserved_leftover(t)]
+            unanswered = rest[-1] if rest and rest[-1].role is Role.USER else None
+            if reserved or unanswered is not None:
+                self._leftovers[channel_id] = CrashLeftover(session, reserved, unanswered)
+        if self._leftovers:
+            log.info("%d channel(s) were left unanswered by the previous run", len(self._leftovers))
+
+    async def resume(self, get_channel: ChannelLookup, parse: MessageParser) -> None:
+        """After READY: clear crash leftovers (first time only), catch up on missed messages, answer."""
+        async with self._lock:
+            if self._leftovers is None:
+                await self.scan()
+            leftovers, self._leftovers = self._leftovers or {}, {}
+            for session in await self.service.repo.list_active_sessions():
+                channel_id = channel_id_of(session.channel_key)
+                if channel_id is None:
+                    continue
+                channel = get_channel(channel_id)
+                leftover = leftovers.pop(channel_id, None)
+                if not isinstance(channel, ReplyChannel):
+                    log.debug("channel %s of session %s is not reachable", channel_id, session.id)
+                    if leftover is not None:
+                        log.warning("channel %s was left unanswered by the last run but is not reachable now",
+                                    channel_id)
+                        self._leftovers[channel_id] = leftover  # a later READY may bring the channel
+                    continue
+                try:
+                    await self._resume_channel(channel, session, leftover, parse)
+                except Exception:
+                    log.exception("cannot resume roleplay in channel %s (session %s)", channel_id, session.id)
+
+    async def _resume_channel(
+        self, channel: ReplyChannel, session: ChannelSession, leftover: CrashLeftover | None, parse: MessageParser
+    ) -> None:
+        repo = self.service.repo
+        async with self.replies.storing(channel.id):
+            if leftover is not None:
+                for turn in leftover.reserved:
+                    if turn.message_ids:
+                        await self.replies.delete_messages(channel, turn.message_ids)
+                    await repo.delete_turn(turn.id)
+                    log.info("dropped a reply cut short by a crash in channel %s (turn %s, %d message(s))",
+                             channel.id, turn.id, len(turn.message_ids))
+            caught = await self._catch_up(channel, session, parse)
+            latest = await repo.latest_turn(session.id)
+        if caught:
+            self.replies.request_reply(channel, None)  # one reply answers the missed messages (and any crash)
+            return
+        if leftover is None or leftover.unanswered is None or latest is None or latest.id != leftover.unanswered.id:
+            return  # answered meanwhile, or a live message has started a new reply
+        if self.settings.after_crash == "reply":
+            log.info("answering the message a crash left unanswered in channel %s", channel.id)
+            self.replies.request_reply(channel, None)
+            return
+        key = NOTICE_KEY.format(session_id=session.id)
+        if await repo.get_meta(key) == str(latest.id):
+            return  # told already (an earlier restart)
+        await self.replies.announce(channel, CRASH_NOTICE)
+        await repo.set_meta(key, str(latest.id))
+
+    async def _catch_up(self, channel: ReplyChannel, session: ChannelSession, parse: MessageParser) -> int:
+        """Store the messages sent since the newest stored one (oldest first); return how many."""
+        if self.settings.catch_up == "skip":
+            return 0
+        repo = self.service.repo
+        newest = await repo.newest_message_id(session.id)
+        if newest is None:
+            if session.created_at is None:
+                return 0
+            newest = discord.utils.time_snowflake(session.created_at)
+        missed: list[discord.Message] = []
+        try:
+            async for message in channel.history(limit=self.settings.catch_up_limit):
+                if message.id <= newest:
+                    break
+                missed.append(message)
+        except discord.HTTPException as exc:
+            log.warning("cannot read the history of channel %s to catch up: %s", channel.id, exc)
+            return 0
+        stored = 0
+        for message in reversed(missed):
+            parsed = parse(message, session)
+            if parsed is None:
+                continue
+            speaker, text = parsed
+            try:
+                await self.service.add_user_turn(session, speaker, text, message_id=message.id)
+            except DuplicateMessage:
+                continue
+            stored += 1
+        if stored:
+            log.info("caught up on %d message(s) sent while away in channel %s", stored, channel.id)
+        return stored

@@ -1,0 +1,211 @@
+"""The bot process killed or stopped while it writes a reply, for real: a child process, real signals.
+
+The child (`tests/crash_child.py`) runs the real `tavernkeep run` over SimCord and a slow FakeBackend,
+with its database in a file. After SIGKILL the test checks the file as the crash left it, then starts
+a new bot over it in a new SimCord world built the same way (SimCord's snowflakes are deterministic,
+so the channel has the same id) and checks what the channel gets: one fresh reply or one notice, per
+`discord.after_crash`, also when the bot is started once more. After SIGTERM it checks the exit code
+and that the reply was stored whole or, when the grace period is too short, as interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import simcord
+
+from bot.config import Settings
+from bot.discord_bot import create_bot
+from bot.fake_backend import FakeBackend, fake_engine
+from bot.recovery import CRASH_NOTICE
+from persistence.database import Database
+from persistence.records import Role, TurnStatus
+from tests.crash_child import SAID, STORY, build_world, placeholder_bot
+from tests.discord_fixtures import bot_env, start_session, stored_turns, tavern_guild
+
+ROOT = Path(__file__).resolve().parent.parent
+FRESH_REPLY = "Ah, the north road. Mind the bridge, it sways."
+
+
+class Child:
+    """A running `tests.crash_child` and the events it prints (read by a thread, so waits can time out)."""
+
+    def __init__(self, db_file: Path, *, grace: float) -> None:
+        self.log = db_file.with_suffix(".stderr")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        with self.log.open("w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.crash_child", str(db_file), str(grace)],
+                cwd=db_file.parent, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.put(json.loads(line))
+
+    def wait_for(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The next event, which must be `name`."""
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {name!r} from the child within {timeout}s:\n{self.stderr()}") from None
+        assert event["event"] == name, (event, self.stderr())
+        return event
+
+    def send(self, sig: signal.Signals, timeout: float = 30.0) -> int:
+        """Send `sig` and return the exit code (negative: killed by a signal)."""
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.log.read_text()[-4000:]
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    role: str
+    status: str
+    content: str
+    message_ids: tuple[int, ...]
+
+
+def read_store(db_file: Path) -> tuple[str, list[StoredTurn]]:
+    """`PRAGMA integrity_check` and the turns, read with plain sqlite3 as any tool would after a crash."""
+    with sqlite3.connect(db_file) as connection:
+        [(integrity,)] = connection.execute("PRAGMA integrity_check").fetchall()
+        rows = connection.execute("SELECT id, role, status, content FROM turns ORDER BY id").fetchall()
+        parts = connection.execute("SELECT turn_id, message_id FROM turn_messages ORDER BY turn_id, part").fetchall()
+    connection.close()
+    return integrity, [
+        StoredTurn(role, status, content, tuple(m for t, m in parts if t == turn_id))
+        for turn_id, role, status, content in rows
+    ]
+
+
+async def start_again(db_file: Path, settings: Settings, world_ids: dict[str, int], times: int) -> list[list[str]]:
+    """Start a new bot over the database `times` times; the bot's messages in the channel after each start."""
+    database = await Database.open(f"sqlite+aiosqlite:///{db_file}")
+    engine = fake_engine(FakeBackend(FRESH_REPLY))
+    await engine.start()
+    seen = []
+    try:
+        async with simcord.run(placeholder_bot()) as env:
+            world = build_world(env)
+            assert world.ids() == world_ids, "SimCord gave the rebuilt world other ids"
+            for _ in range(times):
+                await env.restart_bot(create_bot(settings, engine=engine, database=database, edit_interval=0.05))
+                await env.settle()
+                seen.append([m.content for m in world.channel.history() if m.author.bot])
+            deletes = [r.path for r in env.http_requests if r.method == "DELETE"]
+    finally:
+        await engine.close(grace=0)
+        await database.close()
+    seen.append(deletes)
+    return seen
+
+
+@pytest.mark.parametrize("after_crash", ["reply", "notice"])
+def test_killed_mid_reply_leaves_a_sound_store_and_the_channel_is_answered_once(
+    tmp_path: Path, after_crash: str
+) -> None:
+    db_file = tmp_path / "tavernkeep.db"
+    with Child(db_file, grace=30) as child:
+        world = child.wait_for("world")
+        started = child.wait_for("generating")
+        assert child.send(signal.SIGKILL) == -signal.SIGKILL
+
+    # The store as the crash left it: sound, the user's turn kept, the reply only reserved (empty,
+    # interrupted) with the id of its half-written message.
+    integrity, turns = read_store(db_file)
+    assert integrity == "ok"
+    assert turns == [
+        StoredTurn("user", "complete", SAID, (started["said"],)),
+        StoredTurn("model", "interrupted", "", (started["reply"],)),
+    ]
+
+    settings = Settings.model_validate({"discord": {"after_crash": after_crash}})
+    world_ids = {k: v for k, v in world.items() if k != "event"}
+    first, second, deletes = asyncio.run(start_again(db_file, settings, world_ids, times=2))
+
+    # The half-written message is taken down (here it is gone already: the world is new).
+    assert deletes == [f"/channels/{world['channel']}/messages/{started['reply']}"]
+    integrity, turns = read_store(db_file)
+    assert integrity == "ok"
+    if after_crash == "reply":
+        assert first == [FRESH_REPLY]
+        assert [(t.role, t.status, t.content) for t in turns] == [
+            ("user", "complete", SAID), ("model", "complete", FRESH_REPLY)
+        ]
+    else:
+        assert first == [CRASH_NOTICE]
+        assert [(t.role, t.status, t.content) for t in turns] == [("user", "complete", SAID)]
+    assert second == first, "a second start must not answer or notify again"
+
+
+@pytest.mark.parametrize("grace", [30.0, 0.2])
+def test_sigterm_mid_reply_exits_0_with_the_reply_stored(tmp_path: Path, grace: float) -> None:
+    db_file = tmp_path / "tavernkeep.db"
+    with Child(db_file, grace=grace) as child:
+        child.wait_for("world")
+        started = child.wait_for("generating")
+        assert child.send(signal.SIGTERM) == 0, child.stderr()
+        shown = child.wait_for("closed")["shown"]
+
+    integrity, turns = read_store(db_file)
+    assert integrity == "ok"
+    said, reply = turns
+    assert said == StoredTurn("user", "complete", SAID, (started["said"],))
+    assert reply.message_ids == (started["reply"],) and shown == [reply.content]
+    if grace > 5:
+        assert reply.status == "complete" and reply.content == STORY
+    else:
+        assert reply.status == "interrupted" and 0 < len(reply.content) < len(STORY)
+        assert STORY.startswith(reply.content)
+
+
+async def test_restart_takes_down_a_half_written_reply_and_answers_afresh(db_url: str) -> None:
+    """In one process, with the channel as users saw it when the bot died (the subprocess test above
+    cannot show that: its restarted world is new). The store is set up as the SIGKILL test finds it."""
+    async with bot_env(db_url, backend=FakeBackend(FRESH_REPLY)) as t:
+        tavern = tavern_guild(t.env)
+        session = await start_session(t, tavern)
+        # Posted while the bot was down (SimCord's backend, not public API: actors would deliver them).
+        said = t.env.backend.create_message(tavern.channel.id, tavern.alice.id, SAID, broadcast=False)
+        half = t.env.backend.create_message(tavern.channel.id, t.bot.user.id, STORY[:20], broadcast=False)
+        repo = t.bot.repo
+        await repo.append_turn(session.id, Role.USER, SAID, author_id=tavern.alice.id, author_name="Alice",
+                               message_ids=[said.id])
+        await repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED, message_ids=[half.id])
+
+        await t.restart()
+        assert [m.content for m in tavern.channel.history() if m.author.bot] == [FRESH_REPLY]
+        turns = await stored_turns(t, tavern.channel)
+        assert [(turn.role, turn.status, turn.content) for turn in turns] == [
+            (Role.USER, TurnStatus.COMPLETE, SAID), (Role.MODEL, TurnStatus.COMPLETE, FRESH_REPLY)
+        ]
+        assert t.backend.prompts[-1].endswith(f"<|user|>Alice: {SAID}<|model|>")

@@ -1,0 +1,258 @@
+"""Members' own data: /privacy export and /privacy forget, and the admins' /session export.
+
+Driven through SimCord against the real bot, a real SQLite file and the fake model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from datetime import datetime
+
+import discord
+import pytest
+
+from bot.config import Settings
+from bot.discord_keys import channel_key
+from cogs import privacy
+from cogs.privacy import FORGET_TIMEOUT, NotYourQuestion
+from persistence.records import Role
+from tests.discord_fixtures import bot_env, start_session, stored_turns, tavern_guild
+
+QUIET = Settings.model_validate({"discord": {"cooldown_messages": 0}})
+USER_KEYS = {"channel", "created_at", "name", "content", "message_ids", "status"}
+
+
+async def attached_lines(result) -> tuple[discord.Attachment, list[dict]]:
+    """The single file of an interaction's answer, parsed as JSON Lines."""
+    [attachment] = result.response.message.attachments
+    data = await attachment.read()
+    assert data.endswith(b"\n")
+    return attachment, [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+def capture_interactions(bot) -> list[discord.Interaction]:
+    """Every interaction the bot receives from now on (the real objects discord.py builds)."""
+    seen: list[discord.Interaction] = []
+
+    async def grab(interaction: discord.Interaction) -> None:
+        seen.append(interaction)
+
+    bot.add_listener(grab, "on_interaction")
+    return seen
+
+
+# --- /privacy export -------------------------------------------------------------------------------
+
+
+async def test_export_sends_only_my_messages_of_this_server_as_json_lines(db_url):
+    async with bot_env(db_url, settings=QUIET) as t:
+        tavern = tavern_guild(t.env)
+        cellar = tavern.guild.create_text_channel("cellar")
+        await start_session(t, tavern)
+        await start_session(t, tavern, channel=cellar)
+        elsewhere = t.env.create_guild("Elsewhere")
+        hall = elsewhere.create_text_channel("hall")
+        alice_there = elsewhere.add_member(tavern.alice.user)
+        await t.bot.repo.start_session(channel_key(hall.id), guild_id=elsewhere.id, persona_text="An innkeeper.")
+
+        first = await tavern.alice.send(tavern.channel, "I order an ale.")
+        await tavern.bob.send(tavern.channel, "I order mead.")
+        second = await tavern.alice.send(cellar, "Down the stairs I go.")
+        await alice_there.send(hall, "Another server, another story.")
+
+        result = await tavern.alice.slash(tavern.channel, "privacy export")
+        assert result.ephemeral and result.response.ephemeral
+        assert result.response.content == "Your 2 stored roleplay messages in this server, one JSON object per line."
+        attachment, lines = await attached_lines(result)
+        assert attachment.filename == f"tavernkeep-{tavern.guild.id}-{tavern.alice.id}.jsonl"
+        assert all(set(line) == USER_KEYS for line in lines)
+        assert [(line["channel"], line["content"], line["message_ids"], line["status"]) for line in lines] == [
+            (str(tavern.channel.id), "I order an ale.", [str(first.id)], "complete"),
+            (str(cellar.id), "Down the stairs I go.", [str(second.id)], "complete"),
+        ]
+        assert {line["name"] for line in lines} == {"Alice"}
+        stored = {turn.content: turn.created_at for turn in await stored_turns(t, tavern.channel)}
+        when = datetime.fromisoformat(lines[0]["created_at"])
+        assert when.tzinfo is not None and when == stored["I order an ale."]
+        # Only Alice sees it.
+        assert all(m.id != result.response.message.id for m in tavern.channel.history(viewer=tavern.bob))
+
+
+async def test_export_with_nothing_stored_says_so_kindly(db_url):
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        result = await tavern.bob.slash(tavern.channel, "privacy export")
+        assert result.ephemeral
+        assert result.response.content == (
+            "I have no roleplay messages of yours stored in this server, so there is nothing to export."
+        )
+        assert result.response.message.attachments == []
+
+
+async def test_an_export_too_large_for_the_server_is_compressed_or_refused(db_url, monkeypatch):
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        await tavern.alice.send(tavern.channel, "A line I wrote. " * 40)
+        plain, _ = await attached_lines(await tavern.alice.slash(tavern.channel, "privacy export"))
+        assert plain.filename.endswith(".jsonl") and plain.size > 400
+
+        monkeypatch.setattr(discord.Guild, "filesize_limit", property(lambda _guild: 400))
+        packed = await tavern.alice.slash(tavern.channel, "privacy export")
+        [attachment] = packed.response.message.attachments
+        assert attachment.filename.endswith(".jsonl.gz")
+        [line] = [json.loads(x) for x in gzip.decompress(await attachment.read()).decode().splitlines()]
+        assert line["content"] == ("A line I wrote. " * 40).strip()
+
+        monkeypatch.setattr(discord.Guild, "filesize_limit", property(lambda _guild: 50))
+        refused = await tavern.alice.slash(tavern.channel, "privacy export")
+        assert refused.ephemeral and refused.response.message.attachments == []
+        assert refused.response.content.startswith("The export is ") and "(50)" in refused.response.content
+
+
+# --- /privacy forget -------------------------------------------------------------------------------
+
+
+async def test_forget_asks_first_then_leaves_nothing_of_the_member(db_url):
+    async with bot_env(db_url, settings=QUIET) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        mine = [await tavern.alice.send(tavern.channel, text) for text in ("I am Alice.", "Alice waves.")]
+        replies = [m for m in tavern.channel.history() if m.author.bot]
+        await tavern.bob.send(tavern.channel, "Bob nods to Alice.")
+        bob_before = [turn for turn in await stored_turns(t, tavern.channel) if turn.author_id == tavern.bob.id]
+
+        asked = await tavern.alice.slash(tavern.channel, "privacy forget")
+        assert asked.ephemeral
+        assert asked.response.content.startswith("Delete the 2 roleplay messages of yours")
+        assert '"[removed]"' in asked.response.content and "replies stay" in asked.response.content
+        cancelled = await tavern.alice.click(asked.response, label="Cancel")
+        assert cancelled.response.content == "Cancelled; nothing was deleted."
+        assert len(await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id)) == 2
+
+        asked = await tavern.alice.slash(tavern.channel, "privacy forget")
+        done = await tavern.alice.click(asked.response, label="Delete my messages")
+        assert done.response.content.startswith("Done: deleted 2 stored messages of yours")
+
+        # Nothing of Alice: no turns, no message mapping, no name; the replies themselves stay.
+        assert await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id) == []
+        for message in mine:
+            assert await t.bot.repo.turn_by_message(message.id) is None
+        turns = await stored_turns(t, tavern.channel)
+        assert all(turn.author_id != tavern.alice.id and "Alice" not in turn.content for turn in turns)
+        model = [turn for turn in turns if turn.role is Role.MODEL]
+        assert [turn.content for turn in model[:2]] == ["You said: [removed]: I am [removed].",
+                                                        "You said: [removed]: [removed] waves."]
+        assert [turn.message_ids for turn in model[:2]] == [(m.id,) for m in replies]
+        # Bob's turn is his own: kept with its author and message, only Alice's name scrubbed from it.
+        [bob_after] = [turn for turn in turns if turn.author_id == tavern.bob.id]
+        assert (bob_after.id, bob_after.author_name, bob_after.message_ids) == (
+            bob_before[0].id, "Bob", bob_before[0].message_ids
+        )
+        assert bob_after.content == "Bob nods to [removed]."
+        # The character no longer reads her name.
+        await tavern.bob.send(tavern.channel, "Where did she go?")
+        assert "Alice" not in t.backend.prompts[-1]
+
+        nothing = await tavern.alice.slash(tavern.channel, "privacy forget")
+        assert nothing.response.content.endswith("so there is nothing to delete.")
+        assert nothing.response.components == []
+
+
+async def test_only_the_asker_can_confirm_forgetting(db_url):
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        await tavern.alice.send(tavern.channel, "Hello.")
+        seen = capture_interactions(t.bot)
+        asked = await tavern.alice.slash(tavern.channel, "privacy forget")
+        # The question is private: Discord does not show it, so nobody else can press its buttons...
+        with pytest.raises(Exception, match="not visible to this user"):
+            await tavern.bob.click(asked.response, label="Delete my messages")
+        # ...and the view checks the clicker again on the server side anyway.
+        await tavern.bob.slash(tavern.channel, "status")
+        alice_asks, bob_acts = seen
+        view = privacy.ConfirmForget(t.bot, alice_asks, tavern.guild.id)
+        with pytest.raises(NotYourQuestion):
+            await view.interaction_check(bob_acts)
+        assert await view.interaction_check(alice_asks)
+        assert len(await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id)) == 1
+
+
+async def test_an_unanswered_forget_question_expires_and_deletes_nothing(db_url):
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        await tavern.alice.send(tavern.channel, "Hello.")
+        await tavern.alice.slash(tavern.channel, "privacy forget")
+        await t.env.advance_time(FORGET_TIMEOUT + 1)
+        [edit] = [r for r in t.env.http_requests if r.method == "PATCH" and r.path.endswith("/messages/@original")]
+        assert edit.json["content"] == "Not confirmed; nothing was deleted." and edit.json["components"] == []
+        assert len(await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id)) == 1
+
+
+async def test_privacy_commands_are_server_only(db_url):
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        assert {"privacy export", "privacy forget"} <= set(tavern.alice.available_commands(tavern.channel))
+        assert not any(name.startswith("privacy") for name in tavern.alice.user.available_commands())
+
+
+# --- /session export -------------------------------------------------------------------------------
+
+
+async def test_session_export_pages_through_the_whole_log(db_url, monkeypatch):
+    async with bot_env(db_url, settings=QUIET) as t:
+        tavern = tavern_guild(t.env)
+        session = await start_session(t, tavern)
+        for text in ("One.", "Two.", "Three.", "Four."):
+            await tavern.alice.send(tavern.channel, text)
+        await tavern.bob.send(tavern.channel, "Five.")
+        pages: list[int] = []
+        real = t.bot.repo.session_turns
+
+        async def counted(session_id, *, after_id=0, limit=1000):
+            found = await real(session_id, after_id=after_id, limit=limit)
+            pages.append(len(found))
+            return found
+
+        monkeypatch.setattr(t.bot.repo, "session_turns", counted)
+        # The extension module the bot loaded (discord.py imports its own copy of it).
+        monkeypatch.setattr(sys.modules[type(t.bot.get_cog("Sessions")).__module__], "EXPORT_PAGE", 3)
+        result = await tavern.admin.slash(tavern.channel, "session export")
+        assert result.ephemeral
+        assert result.response.content == (
+            'The session log of #roleplay with "Mira": 10 turns, one JSON object per line.'
+        )
+        attachment, lines = await attached_lines(result)
+        assert attachment.filename == f"tavernkeep-session-{tavern.channel.id}-{session.id}.jsonl"
+        assert pages == [3, 3, 3, 1, 0]
+        turns = await stored_turns(t, tavern.channel)
+        assert [line["id"] for line in lines] == [turn.id for turn in turns]
+        assert [(line["role"], line["name"], line["content"]) for line in lines] == [
+            (turn.role.value, turn.author_name, turn.content) for turn in turns
+        ]
+        assert lines[0]["author_id"] == str(tavern.alice.id) and lines[1]["author_id"] is None
+        assert lines[1]["message_ids"] == [str(m) for m in turns[1].message_ids]
+
+
+async def test_session_export_of_another_channel_and_of_none(db_url):
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        cellar = tavern.guild.create_text_channel("cellar")
+        lobby = tavern.guild.create_text_channel("lobby")
+        await start_session(t, tavern, channel=cellar)
+        await tavern.bob.send(cellar, "Down here!")
+        await tavern.admin.slash(cellar, "session stop")  # a paused session is still exported
+
+        result = await tavern.admin.slash(tavern.channel, "session export", channel=cellar)
+        _, lines = await attached_lines(result)
+        assert [line["content"] for line in lines] == ["Down here!", "You said: Bob: Down here!"]
+
+        none = await tavern.admin.slash(tavern.channel, "session export", channel=lobby)
+        assert none.ephemeral and none.response.content == "There is no roleplay session in #lobby."
+        empty = await tavern.admin.slash(tavern.channel, "session export")
+        assert empty.response.content == "There is no roleplay session in #roleplay."
+        assert await t.bot.repo.get_active_session(channel_key(lobby.id)) is None
