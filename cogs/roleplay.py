@@ -55,6 +55,13 @@ def mentions_bot(message: discord.Message, bot_id: int) -> bool:
     return isinstance(resolved, discord.Message) and resolved.author.id == bot_id
 
 
+def is_person_message(message: discord.Message) -> bool:
+    """A plain (or reply) message a person wrote in a server: the only kind roleplay takes."""
+    if message.author.bot or message.webhook_id is not None or message.guild is None:
+        return False
+    return message.type in (discord.MessageType.default, discord.MessageType.reply)
+
+
 class Roleplay(commands.Cog):
     """Listens to messages in roleplay channels."""
 
@@ -80,9 +87,7 @@ class Roleplay(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         """Store a roleplay message as a turn, then ask for a reply."""
-        if message.author.bot or message.webhook_id is not None or message.guild is None:
-            return
-        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+        if not is_person_message(message):
             return
         if not self.bot.accepting or not isinstance(message.channel, ReplyChannel):
             return
@@ -160,9 +165,7 @@ class Roleplay(commands.Cog):
 
     def missed_turn(self, message: discord.Message, session: ChannelSession) -> tuple[Speaker, str] | None:
         """What to store for a message sent while the bot was away, or None if it would not be taken live."""
-        if message.author.bot or message.webhook_id is not None or message.guild is None:
-            return None
-        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+        if not is_person_message(message):
             return None
         text = prompt_text(message, self._bot_id)
         if not self._wants(session, message, text):
