@@ -146,6 +146,12 @@ async def run_main(settings: Settings, model_path: str, token: str) -> None:
         await serve(create_bot(settings, engine=service.engine, database=service.repo.db), token)
 
 
+def fail(message: str, code: int) -> int:
+    """Print one line for the operator and return the exit code."""
+    print(f"tavernkeep: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
     args = parse_args(argv)
@@ -165,27 +171,18 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(chat_main(settings, args, model_path, persona))
         elif args.command == "run":
             asyncio.run(run_main(settings, model_path, token))
-    except ConfigError as exc:
-        print(f"tavernkeep: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except BackupError as exc:
-        print(f"tavernkeep: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, BackupError) as exc:
+        return fail(str(exc), EXIT_CONFIG if isinstance(exc, ConfigError) else 1)
     except discord.LoginFailure as exc:
-        print(f"tavernkeep: DISCORD_TOKEN: Discord rejected the token ({exc})", file=sys.stderr)
-        return EXIT_CONFIG
+        return fail(f"DISCORD_TOKEN: Discord rejected the token ({exc})", EXIT_CONFIG)
     except discord.PrivilegedIntentsRequired:
-        print(f"tavernkeep: {INTENTS_HELP}", file=sys.stderr)
-        return EXIT_CONFIG
+        return fail(INTENTS_HELP, EXIT_CONFIG)
     except (aiohttp.ClientError, discord.GatewayNotFound, discord.HTTPException) as exc:
-        print(f"tavernkeep: cannot reach Discord: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"cannot reach Discord: {exc}", 1)
     except ModelLoadError as exc:
-        print(f"tavernkeep: model.path: cannot load the model: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return fail(f"model.path: cannot load the model: {exc}", EXIT_CONFIG)
     except TavernError as exc:
-        print(f"tavernkeep: {exc.user_message}", file=sys.stderr)
-        return 1
+        return fail(exc.user_message, 1)
     except KeyboardInterrupt:
         return 130
     return 0

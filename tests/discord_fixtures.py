@@ -168,3 +168,14 @@ def replay(env: simcord.Env, message: discord.Message, **changes: str) -> None:
         if kind == "GATEWAY" and event == "MESSAGE_CREATE" and p["id"] == str(message.id)
     )
     env.backend.emit("MESSAGE_CREATE", copy.deepcopy(payload) | changes)
+
+
+def capture_interactions(bot) -> list[discord.Interaction]:
+    """Every interaction the bot receives from now on (the real objects discord.py builds)."""
+    seen: list[discord.Interaction] = []
+
+    async def grab(interaction: discord.Interaction) -> None:
+        seen.append(interaction)
+
+    bot.add_listener(grab, "on_interaction")
+    return seen

@@ -18,7 +18,7 @@ from bot.discord_keys import channel_key
 from cogs import privacy
 from cogs.privacy import FORGET_TIMEOUT, NotYourQuestion
 from persistence.records import Role
-from tests.discord_fixtures import bot_env, start_session, stored_turns, tavern_guild
+from tests.discord_fixtures import bot_env, capture_interactions, start_session, stored_turns, tavern_guild
 
 QUIET = Settings.model_validate({"discord": {"cooldown_messages": 0}})
 USER_KEYS = {"channel", "created_at", "name", "content", "message_ids", "status"}
@@ -31,16 +31,6 @@ async def attached_lines(result) -> tuple[discord.Attachment, list[dict]]:
     assert data.endswith(b"\n")
     return attachment, [json.loads(line) for line in data.decode("utf-8").splitlines()]
 
-
-def capture_interactions(bot) -> list[discord.Interaction]:
-    """Every interaction the bot receives from now on (the real objects discord.py builds)."""
-    seen: list[discord.Interaction] = []
-
-    async def grab(interaction: discord.Interaction) -> None:
-        seen.append(interaction)
-
-    bot.add_listener(grab, "on_interaction")
-    return seen
 
 
 # --- /privacy export -------------------------------------------------------------------------------

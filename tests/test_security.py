@@ -24,7 +24,14 @@ from bot.limits import NOTICE_SECONDS, MessageCooldown
 from bot.permissions import NotAllowed, WrongGuild, require_same_guild
 from persistence.models import Base
 from persistence.records import Role
-from tests.discord_fixtures import bot_env, replay, start_session, stored_turns, tavern_guild
+from tests.discord_fixtures import (
+    bot_env,
+    capture_interactions,
+    replay,
+    start_session,
+    stored_turns,
+    tavern_guild,
+)
 
 NOT_ALLOWED = NotAllowed.user_message
 
@@ -43,16 +50,6 @@ def revoke_roles(t, member) -> None:
     """Take every role from a member (no public SimCord verb does this; the backend is not public API)."""
     t.env.backend.edit_member(member.guild.id, member.id, {"role_ids": []})
 
-
-def capture_interactions(bot) -> list[discord.Interaction]:
-    """Every interaction the bot receives from now on (the real objects discord.py builds)."""
-    seen: list[discord.Interaction] = []
-
-    async def grab(interaction: discord.Interaction) -> None:
-        seen.append(interaction)
-
-    bot.add_listener(grab, "on_interaction")
-    return seen
 
 
 def loaded(bot, cog_name: str):
