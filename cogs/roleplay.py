@@ -92,15 +92,17 @@ class Roleplay(commands.Cog):
         if not self.bot.accepting or not isinstance(message.channel, ReplyChannel):
             return
         try:
-            session = await self.bot.repo.get_active_session(channel_key(message.channel.id))
-            text = prompt_text(message, self._bot_id)
-            if not self._wants(session, message, text):
-                return
-            assert session is not None
-            if not await self.bot.cooldown.admit(message):
-                return  # over the member's message limit: told so, neither stored nor answered
-            speaker = Speaker(message.author.id, message.author.display_name)
+            # The lock is taken before the first await: handlers reach it in gateway order (asyncio locks
+            # are FIFO), so a burst is stored in the order it was sent even when lookups finish out of order.
             async with self.bot.replies.storing(message.channel.id):
+                session = await self.bot.repo.get_active_session(channel_key(message.channel.id))
+                text = prompt_text(message, self._bot_id)
+                if not self._wants(session, message, text):
+                    return
+                assert session is not None
+                if not await self.bot.cooldown.admit(message):
+                    return  # over the member's message limit: told so, neither stored nor answered
+                speaker = Speaker(message.author.id, message.author.display_name)
                 await self.bot.service.add_user_turn(session, speaker, text, message_id=message.id)
         except DuplicateMessage:
             return  # a replayed MESSAGE_CREATE: this message was stored (and answered) already
