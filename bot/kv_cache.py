@@ -286,10 +286,10 @@ class StateCache:
 def _frozen(data: bytes | bytearray | memoryview) -> bytes | memoryview:
     if isinstance(data, bytes):
         return data
-    view = memoryview(data)
-    if view.readonly:
-        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    return view.tobytes()
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if not view.readonly:
+        return view.tobytes()
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _write_state(path: Path, entry: SavedState) -> None:

@@ -102,14 +102,21 @@ _ROLES = {role.value: role for role in Role}
 _STATUSES = {status.value: status for status in TurnStatus}
 
 
+# The tables themselves, not the mapped classes: a statement over plain table columns runs
+# without the ORM's loading layer, which costs more than SQLite itself for a window of turns.
+_TURNS = TurnRow.__table__
+_TURN_MESSAGES = TurnMessageRow.__table__
+
+
 def _message_parts() -> Any:
     """Per turn, its messages as one string `part:message_id,...` (a correlated subquery on the
     (turn_id, part) index), so a window of turns and their messages is one statement."""
-    pair = cast(TurnMessageRow.part, String) + ":" + cast(TurnMessageRow.message_id, String)
+    messages = _TURN_MESSAGES.c
+    pair = cast(messages.part, String) + ":" + cast(messages.message_id, String)
     return (
         select(func.aggregate_strings(pair, ","))
-        .where(TurnMessageRow.turn_id == TurnRow.id)
-        .correlate(TurnRow)
+        .where(messages.turn_id == _TURNS.c.id)
+        .correlate(_TURNS)
         .scalar_subquery()
     )
 
@@ -131,20 +138,21 @@ def recent_turns_query(session_id: int, limit: int) -> Select[Any]:
     hundreds of turns, and building and tracking that many mapped objects (plus a second query
     for their messages) costs several times what SQLite spends finding them.
     """
+    turns = _TURNS.c
     return (
         select(
-            TurnRow.id,
-            TurnRow.session_id,
-            TurnRow.role,
-            TurnRow.author_id,
-            TurnRow.author_name,
-            TurnRow.content,
-            TurnRow.status,
-            TurnRow.created_at,
+            turns.id,
+            turns.session_id,
+            turns.role,
+            turns.author_id,
+            turns.author_name,
+            turns.content,
+            turns.status,
+            turns.created_at,
             _message_parts(),
         )
-        .where(TurnRow.session_id == session_id)
-        .order_by(TurnRow.id.desc())
+        .where(turns.session_id == session_id)
+        .order_by(turns.id.desc())
         .limit(limit)
     )
 

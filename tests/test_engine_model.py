@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -117,3 +118,20 @@ async def test_real_model_cancellation_frees_the_worker(demo_model_path):
         assert text.strip()
     finally:
         await engine.close()
+
+
+def test_worker_context_is_built_from_llama_params(demo_model_path):
+    from bot.llama_backend import N_BATCH, LlamaBackend, llama_params
+
+    settings = ModelSettings(path=str(demo_model_path), n_ctx=512, workers=2, threads=0)
+    backend = LlamaBackend(str(demo_model_path), settings)
+    try:
+        params = llama_params(str(demo_model_path), settings)
+        # threads 0: the cores shared among the workers; the same for prompt and generation.
+        assert params["n_threads"] == params["n_threads_batch"] == max(1, (os.cpu_count() or 1) // 2)
+        assert backend.llm.n_batch == params["n_batch"] == N_BATCH
+        assert backend.llm.context_params.n_threads == params["n_threads"]
+        assert backend.llm.context_params.n_threads_batch == params["n_threads_batch"]
+        assert backend.n_ctx == 512
+    finally:
+        backend.close()

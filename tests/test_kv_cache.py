@@ -60,6 +60,27 @@ def test_states_leaving_ram_spill_to_disk_within_its_budget(tmp_path):
     assert cache.disk_used == 0 and not list(tmp_path.glob("*.kvstate"))
 
 
+
+def test_read_only_buffers_are_kept_without_a_copy_and_writable_ones_are_copied(tmp_path):
+    cache = StateCache(ram_bytes=10_000, disk_dir=tmp_path, disk_bytes=10_000)
+    frozen = memoryview(bytearray(b"abcd" * 100)).toreadonly()
+    cache.put("view", [1, 2], frozen)
+    saved = cache.take("view")
+    assert saved is not None and saved.data is frozen and saved.nbytes == 400 + 8
+
+    writable = bytearray(b"x" * 100)
+    cache.put("copy", [1], writable)
+    writable[:] = b"y" * 100  # the caller reuses its buffer: the saved state must not change
+    saved = cache.take("copy")
+    assert saved is not None and bytes(saved.data) == b"x" * 100
+
+    # A read-only view of wider items is accounted in bytes and spills to disk intact.
+    words = memoryview(bytearray(range(16))).cast("I").toreadonly()
+    small = StateCache(ram_bytes=19, disk_dir=tmp_path, disk_bytes=10_000)
+    assert small.put("wide", [7], words) and small.disk_used == 16 + 4
+    saved = small.take("wide")
+    assert saved is not None and saved.data == bytes(range(16)) and saved.tokens == (7,)
+
 def test_cache_is_safe_across_threads():
     cache = StateCache(ram_bytes=50_000)
 

@@ -21,7 +21,7 @@ PERSONA = "Enter roleplay mode. You must act as Bob, a cheerful pirate who loves
 
 
 def backend(path, cache: StateCache | None = None, *, n_ctx: int = 512, shift: bool = True) -> LlamaBackend:
-    model = ModelSettings(path=str(path), n_ctx=n_ctx, threads=2)
+    model = ModelSettings(path=str(path), n_ctx=n_ctx, threads=1)
     return LlamaBackend(str(path), model, cache=cache, cache_settings=CacheSettings(context_shift=shift))
 
 
@@ -126,6 +126,24 @@ def test_restored_state_of_an_edited_history_reuses_only_the_common_prefix(demo_
         b.close()
 
 
+def test_state_round_trips_as_a_read_only_view_and_as_bytes(demo_model_path, fresh):
+    b = backend(demo_model_path)
+    try:
+        p = prompt_of(b, "Where is the treasure?", "Under the old oak, matey!")
+        b.prepare("a", p)
+        next_logits(b, p)
+        state, tokens = b.state_bytes(), b.live_tokens()
+        assert state.readonly and len(state) > 0
+        # As saved in RAM (the view itself) and as read back from disk (bytes).
+        for data in (state, bytes(state)):
+            b.llm.reset()
+            b.restore(tokens, data)
+            assert b.live_tokens() == tokens
+            assert_same(next_logits(b, p), full_logits(fresh, p))
+    finally:
+        b.close()
+
+
 def long_request(turns: int, max_new: int = 16) -> GenerationRequest:
     texts = [f"Line {i}: the parrot squawks about island number {i} and its golden sand." for i in range(turns)]
     return GenerationRequest(key="a", conversation=conversation(*texts), max_new_tokens=max_new, sampling=GREEDY)
@@ -180,7 +198,7 @@ def test_cache_bytes_are_bounded_and_accounted(demo_model_path):
 
 
 def test_quantized_kv_cache_loads_and_its_state_is_smaller(demo_model_path):
-    model = ModelSettings(path=str(demo_model_path), n_ctx=256, threads=2, kv_type="q8_0", flash_attn=True)
+    model = ModelSettings(path=str(demo_model_path), n_ctx=256, threads=1, kv_type="q8_0", flash_attn=True)
     small = LlamaBackend(str(demo_model_path), model)
     big = backend(demo_model_path, n_ctx=256)
     try:
