@@ -567,7 +567,7 @@ class ChannelReplies:
             await target.discard()
             await self._notice(job, self._empty_notice(stream))
             return False
-        await target.finish(text, ReplyButtons(self))
+        await target.finish(text, self._buttons())
         await stream.save(target.ids)
         await self._after(job, stream)
         if previous is not None:
@@ -601,20 +601,20 @@ class ChannelReplies:
         try:
             text = await self._pump(job.channel, stream, target)
         except (TavernError, PromptTooLarge, MessageTooLarge) as exc:
-            await target.finish(turn.content, ReplyButtons(self))
+            await target.finish(turn.content, self._buttons())
             await self._notice(job, describe_error(exc))
             return
         finally:
             stream.cancel()
         if job.kind == "regenerate":
             if not text:
-                await target.finish(turn.content, ReplyButtons(self))
+                await target.finish(turn.content, self._buttons())
                 await self._notice(job, self._empty_notice(stream) if stream.interrupted else NOTHING_NEW_NOTICE)
                 return
-            await target.finish(text, ReplyButtons(self))
+            await target.finish(text, self._buttons())
             await stream.save(target.ids)
         else:
-            await target.finish(text or turn.content, ReplyButtons(self))
+            await target.finish(text or turn.content, self._buttons())
             if not stream.raw.strip():
                 await self._notice(job, NOTHING_TO_ADD_NOTICE)
                 return
@@ -666,7 +666,7 @@ class ChannelReplies:
         """After a failure mid-reply, keep what was shown (stored as interrupted) or remove it."""
         text = stream.text
         if text and target.messages:
-            await target.finish(text, ReplyButtons(self))
+            await target.finish(text, self._buttons())
             await stream.save(target.ids)
             return True
         await target.discard()
@@ -682,6 +682,14 @@ class ChannelReplies:
             await self._notice(job, TIMEOUT_NOTICE)
 
     # --- latest reply and its buttons -------------------------------------------------------------
+
+    def _buttons(self) -> ReplyButtons:
+        """The buttons for a reply, as a finished view: discord.py then sends its components without
+        keeping a copy per message (which would never be freed); the view registered at start
+        (`TavernBot.setup_hook`) answers every click."""
+        view = ReplyButtons(self)
+        view.stop()
+        return view
 
     async def _remove_buttons(self, channel: ReplyChannel, message_id: int) -> None:
         """Take the buttons off the previous reply (a new one was posted)."""

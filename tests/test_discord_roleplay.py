@@ -248,6 +248,8 @@ async def test_regenerate_and_continue_rework_the_latest_reply(db_url: str) -> N
         [_, continued] = await stored_turns(t, tavern.channel)
         assert continued.id == turns[1].id and continued.content == "The door creaks open. Beyond it, darkness."
         assert buttons(tavern.channel.last_message) == [REGENERATE_ID, CONTINUE_ID]
+        # The one view registered at start answers every click: discord.py keeps none per message.
+        assert [key for key in t.bot._connection._view_store._views if key is not None] == []
 
 
 async def test_buttons_refuse_politely_when_the_reply_is_not_the_latest(db_url: str) -> None:
