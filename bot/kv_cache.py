@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -283,6 +284,15 @@ class StateCache:
         return True
 
 
+def os_buffer(size: int) -> mmap.mmap:
+    """A writable buffer of `size` bytes mapped straight from the OS and unmapped when dropped.
+
+    States are tens of megabytes and come and go all the time: taken from the heap, they leave
+    it fragmented and the process grows although the cache stays within its budget.
+    """
+    return mmap.mmap(-1, max(1, size))
+
+
 def _frozen(data: bytes | bytearray | memoryview) -> bytes | memoryview:
     if isinstance(data, bytes):
         return data
@@ -308,7 +318,8 @@ def _read_state(path: Path) -> SavedState:
         n_tokens, n_data = struct.unpack("<QQ", fh.read(16))
         tokens = array("i")
         tokens.frombytes(fh.read(4 * n_tokens))
-        data = fh.read(n_data)
-    if len(tokens) != n_tokens or len(data) != n_data:
+        data = os_buffer(n_data)
+        read = fh.readinto(data)
+    if len(tokens) != n_tokens or read != n_data:
         raise ValueError("truncated saved state")
-    return SavedState(tuple(tokens), data)
+    return SavedState(tuple(tokens), memoryview(data)[:n_data].toreadonly())

@@ -12,7 +12,7 @@ import numpy as np
 
 from bot.config import CacheSettings, ModelSettings, Settings
 from bot.engine import Engine, Sampling
-from bot.kv_cache import StateCache, common_prefix
+from bot.kv_cache import StateCache, common_prefix, os_buffer
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,20 @@ class LlamaBackend:
     def state_bytes(self) -> memoryview:
         """llama.cpp's state of sequence 0 (the KV cache of the live tokens), as a read-only buffer.
 
-        The state is tens of megabytes. llama.cpp copies it straight into an uninitialised
-        buffer while the GIL is released; zeroing a ctypes array and copying it into `bytes`
-        would hold the GIL for tens of milliseconds and stall the event loop.
+        The state is tens of megabytes. llama.cpp copies it straight into pages mapped for it
+        (`os_buffer`) while the GIL is released: zeroing a ctypes array and copying it into
+        `bytes` would hold the GIL for tens of milliseconds and stall the event loop, and states
+        taken from the heap would leave it fragmented as they come and go.
         """
         lib, ctx = self._llama_cpp, self.llm._ctx.ctx
         size = lib.llama_state_seq_get_size(ctx, _SEQ)
-        buffer = np.empty(size, dtype=np.uint8)
-        written = lib.llama_state_seq_get_data(ctx, buffer.ctypes.data_as(_BYTE_POINTER), size, _SEQ)
+        buffer = os_buffer(size)
+        target = (ctypes.c_uint8 * size).from_buffer(buffer)
+        written = lib.llama_state_seq_get_data(ctx, target, size, _SEQ)
+        del target  # the buffer stays alive through the returned view only
         if written == 0 or written > size:
             raise RuntimeError("llama.cpp could not copy the sequence state")
-        return memoryview(buffer[:written]).toreadonly()
+        return memoryview(buffer)[:written].toreadonly()
 
     def restore(self, tokens: Sequence[int], data: bytes | memoryview) -> None:
         """Load a state saved by `state_bytes` for `tokens`; on failure the context starts empty."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
@@ -134,6 +135,7 @@ def test_state_round_trips_as_a_read_only_view_and_as_bytes(demo_model_path, fre
         next_logits(b, p)
         state, tokens = b.state_bytes(), b.live_tokens()
         assert state.readonly and len(state) > 0
+        assert isinstance(state.obj, mmap.mmap)  # its own pages, given back to the OS when dropped
         # As saved in RAM (the view itself) and as read back from disk (bytes).
         for data in (state, bytes(state)):
             b.llm.reset()
