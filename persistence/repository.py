@@ -218,25 +218,27 @@ class Repository:
             raise PersonaNotFound(persona_id)
 
     @staticmethod
-    async def _check_new_message_ids(s: AsyncSession, message_ids: Sequence[int]) -> None:
+    def _check_distinct(message_ids: Sequence[int]) -> None:
         if len(set(message_ids)) != len(message_ids):
             raise DuplicateMessage(m for m in message_ids if message_ids.count(m) > 1)
-        if message_ids:
-            taken = await s.scalars(
-                select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids))
-            )
-            if found := list(taken):
-                raise DuplicateMessage(found)
 
     @staticmethod
     async def _flush_messages(s: AsyncSession, message_ids: Sequence[int]) -> None:
-        """Flush; a unique violation on `turn_messages` (a racing writer) becomes DuplicateMessage."""
+        """Flush; a unique violation on `turn_messages` becomes DuplicateMessage naming the taken ids.
+
+        The unique index is the check (no lookup before every write): the failed flush is rolled
+        back, and only then are the taken ids looked up for the error.
+        """
         try:
             await s.flush()
         except IntegrityError as error:
-            if _is_duplicate_message(error):
-                raise DuplicateMessage(message_ids) from error
-            raise
+            if not _is_duplicate_message(error):
+                raise
+            await s.rollback()
+            taken = await s.scalars(
+                select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids))
+            )
+            raise DuplicateMessage(list(taken) or message_ids) from error
 
     # --- guilds ------------------------------------------------------------------------------------
 
@@ -465,7 +467,7 @@ class Repository:
         ids = list(message_ids)
         async with self.db.write() as s:
             await self._session_row(s, session_id)
-            await self._check_new_message_ids(s, ids)
+            self._check_distinct(ids)
             row = TurnRow(
                 session_id=session_id,
                 role=Role(role).value,
@@ -527,7 +529,9 @@ class Repository:
             row = await s.scalar(_turn_query(turn_id))
             if row is None:
                 raise TurnNotFound(turn_id)
-            await self._check_new_message_ids(s, ids)
+            self._check_distinct(ids)
+            if mapped := [m.message_id for m in row.messages if m.message_id in ids]:
+                raise DuplicateMessage(mapped)  # already this turn's (the index catches other turns')
             start = max((m.part for m in row.messages), default=-1) + 1
             row.messages.extend(TurnMessageRow(message_id=m, part=start + i) for i, m in enumerate(ids))
             await self._flush_messages(s, ids)
