@@ -224,17 +224,18 @@ class Repository:
 
     @staticmethod
     async def _flush_messages(s: AsyncSession, message_ids: Sequence[int]) -> None:
-        """Flush; a unique violation on `turn_messages` becomes DuplicateMessage naming the taken ids.
+        """Flush; on an integrity error roll back, and a unique violation on `turn_messages` becomes
+        DuplicateMessage naming the taken ids.
 
-        The unique index is the check (no lookup before every write): the failed flush is rolled
-        back, and only then are the taken ids looked up for the error.
+        The unique index is the check (no lookup before every write): the taken ids are looked up
+        only after a refused flush.
         """
         try:
             await s.flush()
         except IntegrityError as error:
+            await s.rollback()
             if not _is_duplicate_message(error):
                 raise
-            await s.rollback()
             taken = await s.scalars(
                 select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids))
             )
@@ -466,7 +467,6 @@ class Repository:
         """
         ids = list(message_ids)
         async with self.db.write() as s:
-            await self._session_row(s, session_id)
             self._check_distinct(ids)
             row = TurnRow(
                 session_id=session_id,
@@ -478,7 +478,12 @@ class Repository:
                 messages=[TurnMessageRow(message_id=m, part=i) for i, m in enumerate(ids)],
             )
             s.add(row)
-            await self._flush_messages(s, ids)
+            try:
+                await self._flush_messages(s, ids)
+            except IntegrityError as error:  # the session's foreign key (no lookup before every write)
+                if await s.get(ChannelSessionRow, session_id) is None:
+                    raise SessionNotFound(session_id) from error
+                raise
             await s.commit()
             return _turn(row)
 
