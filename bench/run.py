@@ -46,7 +46,8 @@ from bot.engine import (
 )
 from bot.kv_cache import StateCache
 from bot.llama_backend import N_BATCH, LlamaBackend, llama_params
-from bot.prompt import Conversation, PromptTurn, build_prompt
+from bot.prompt import Conversation, PromptTurn, build_prompt, longest_token_chars
+from persistence.records import WindowBudget
 
 PERSONA = (
     "Enter roleplay mode. You must act as Captain Mirela Vance, whose persona follows: a weathered airship "
@@ -583,7 +584,7 @@ def bench_loop_lag(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ 5
 
 
-async def _database(turns: int, samples: int, window: int) -> dict[str, Any]:
+async def _database(turns: int, samples: int, window: int, budget: WindowBudget) -> dict[str, Any]:
     from persistence.database import Database
     from persistence.repository import Repository
 
@@ -632,15 +633,16 @@ async def _database(turns: int, samples: int, window: int) -> dict[str, Any]:
                                                message_ids=[first_message + i])
                         appends.append(time.perf_counter() - t0)
                         t0 = time.perf_counter()
-                        rows = await repo.recent_turns(session.id, window)
+                        rows = await repo.recent_turns(session.id, window, budget)
                         loads.append(time.perf_counter() - t0)
-                        assert len(rows) == window
+                        read.append(len(rows))
                 finally:
                     gc.callbacks.remove(on_gc)
                 return appends, loads, collections
 
+            read: list[int] = []
             for _ in range(5):  # warm the statement caches and the connection pool
-                await repo.recent_turns(session.id, window)
+                await repo.recent_turns(session.id, window, budget)
             appends, loads, collections = await measure(samples, 10_000_000)
             # The same with everything alive at start-up frozen out of the collector's full passes.
             gc.collect()
@@ -654,6 +656,9 @@ async def _database(turns: int, samples: int, window: int) -> dict[str, Any]:
     return {
         "turns_in_channel": count,
         "window_turns": window,
+        "window_rows_read": max(read),
+        "window_room_tokens": budget.tokens,
+        "chars_per_token": budget.chars_per_token,
         "samples": samples,
         "append_p50_ms": 1000 * pct(appends, 50), "append_p99_ms": 1000 * pct(appends, 99),
         "append_max_ms": 1000 * max(appends),
@@ -667,10 +672,22 @@ async def _database(turns: int, samples: int, window: int) -> dict[str, Any]:
 
 
 def bench_database(args: argparse.Namespace) -> dict[str, Any]:
-    """Append and window load alternate on an otherwise idle event loop (nothing else scheduled)."""
+    """Append and window load alternate on an otherwise idle event loop (nothing else scheduled).
+
+    The window is read as the bot reads it with its default reply length: at most n_ctx / 4
+    turns, and of those only the ones that can fit (bounded by the model's longest token).
+    """
+    import llama_cpp
+
     from bot.sessions import MIN_TOKENS_PER_TURN
 
-    return asyncio.run(_database(args.db_turns, args.db_samples, max(8, args.n_ctx // MIN_TOKENS_PER_TURN)))
+    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
+    try:
+        chars_per_token = longest_token_chars(vocab)
+    finally:
+        vocab.close()
+    budget = WindowBudget(args.n_ctx - Settings().model.max_new_tokens, MIN_TOKENS_PER_TURN, chars_per_token)
+    return asyncio.run(_database(args.db_turns, args.db_samples, max(8, args.n_ctx // MIN_TOKENS_PER_TURN), budget))
 
 
 # ------------------------------------------------------------------------------------------ 6
@@ -856,7 +873,8 @@ def report(results: dict[str, Any]) -> str:
         d = results["database"]
         row(f"5. append turn p50/p99, {d['turns_in_channel']} turns", f"{d['append_p50_ms']:.2f}/"
             f"{d['append_p99_ms']:.2f} ms", "", "", "p99 < 5 ms", d["append_p99_ms"] < 5)
-        row(f"5. load window of {d['window_turns']} turns p50/p99/max", f"{d['load_p50_ms']:.2f}/"
+        row(f"5. load window (of the newest {d['window_turns']} turns, the {d['window_rows_read']} that can fit) "
+            f"p50/p99/max", f"{d['load_p50_ms']:.2f}/"
             f"{d['load_p99_ms']:.2f}/{d['load_max_ms']:.1f} ms", "", "", "p99 < 5 ms", d["load_p99_ms"] < 5)
         row("5. the same after gc.freeze(): append p50/p99, window p50/p99/max",
             f"{d['frozen_append_p50_ms']:.2f}/{d['frozen_append_p99_ms']:.2f} ms, {d['frozen_load_p50_ms']:.2f}/"

@@ -36,6 +36,10 @@ class ByteTokenizer:
         """EOS id."""
         return 2
 
+    def n_vocab(self) -> int:
+        """Vocabulary size: the control ids and one token per byte."""
+        return _OFFSET + 256
+
 
 Reply = Callable[[str], str]
 

@@ -36,6 +36,7 @@ __all__ = [
     "build_prompt",
     "count_tokens",
     "find_marker",
+    "longest_token_chars",
     "neutralise",
     "system_budget",
 ]
@@ -51,6 +52,8 @@ class Tokenizer(Protocol):
     def token_bos(self) -> int: ...
 
     def token_eos(self) -> int: ...
+
+    def n_vocab(self) -> int: ...
 
 
 SYSTEM, USER, MODEL = "<|system|>", "<|user|>", "<|model|>"
@@ -298,6 +301,17 @@ def count_tokens(tokenizer: Tokenizer, text: str) -> int:
     """Return how many tokens `text` takes inside a prompt (neutralised, without any marker)."""
     template = _template(tokenizer)
     return len(_piece_tokens(tokenizer, template.probe, neutralise(text)))
+
+
+def longest_token_chars(tokenizer: Tokenizer) -> int:
+    """At least the most characters a token stands for in text: text of N characters is at least
+    N / this many tokens. One more than the longest token decoded alone, as a token decoded alone
+    may lose the leading space it has in text. Reads the whole vocabulary once (tens of ms)."""
+    longest = max(
+        (len(tokenizer.detokenize([token]).decode("utf-8", "replace")) for token in range(tokenizer.n_vocab())),
+        default=0,
+    )
+    return longest + 1
 
 
 def system_budget(tokenizer: Tokenizer, *, n_ctx: int, max_new_tokens: int, reserve: int = 0) -> int:

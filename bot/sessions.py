@@ -13,9 +13,9 @@ from typing import Any
 from bot.config import Settings
 from bot.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
 from bot.errors import PersonaTooLarge
-from bot.prompt import Conversation, PromptTurn, Tokenizer, count_tokens, system_budget
+from bot.prompt import Conversation, PromptTurn, Tokenizer, count_tokens, longest_token_chars, system_budget
 from bot.stops import clean_reply
-from persistence.records import ChannelSession, Role, Turn, TurnStatus
+from persistence.records import ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,20 @@ class ChatService:
         self.repo = repo
         self.engine = engine
         self.settings = settings
+        self._chars_per_token: int | None = None  # see `longest_token_chars`
 
     @property
     def window_turns(self) -> int:
         """How many stored turns are read to build a prompt (more can never fit)."""
         return max(8, self.engine.n_ctx // MIN_TOKENS_PER_TURN)
+
+    async def _window(self, session: ChannelSession) -> list[Turn]:
+        """The stored turns a prompt for `session` can use: the newest, as many as can fit."""
+        if self._chars_per_token is None:
+            self._chars_per_token = await self.engine.with_tokenizer(longest_token_chars)
+        room = self.engine.n_ctx - self.max_new_tokens_for(session)
+        budget = WindowBudget(room, MIN_TOKENS_PER_TURN, self._chars_per_token)
+        return await self.repo.recent_turns(session.id, self.window_turns, budget)
 
     @property
     def conversation_reserve(self) -> int:
@@ -190,7 +199,7 @@ class ChatService:
         interrupted) and `save()` fills it in, so messages stored while the reply is being written
         come after it, as they do in a channel.
         """
-        turns = await self.repo.recent_turns(session.id, self.window_turns)
+        turns = await self._window(session)
         if not reserve:
             return self._stream(session, turns, continue_last=False)
         reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED)
@@ -202,12 +211,14 @@ class ChatService:
 
     async def continue_reply(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Extend the model turn `turn` (the latest one) with more text."""
-        turns = await self.repo.recent_turns(session.id, self.window_turns)
+        turns = await self._window(session)
         stream = self._stream(session, turns, continue_last=True, continues=turn)
         return stream
 
     async def regenerate(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Start a new reply in place of the model turn `turn`; `save()` overwrites `turn` where it stands."""
+        # Not `_window`: its bound counts `turn`, which the new reply replaces, and could leave out an
+        # older turn that fits without it.
         turns = await self.repo.recent_turns(session.id, self.window_turns)
         kept = [t for t in turns if t.id != turn.id]
         return self._stream(session, kept, continue_last=False, into=turn)

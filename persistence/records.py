@@ -53,6 +53,16 @@ class ChannelSession:
 
 
 @dataclass(frozen=True, slots=True)
+class WindowBudget:
+    """What a prompt window can hold: `tokens` of room, and a lower bound of any turn's tokens,
+    `per_turn + len(content) / chars_per_token` (`chars_per_token`: the vocabulary's longest token)."""
+
+    tokens: int
+    per_turn: int
+    chars_per_token: int
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
     """One user or model turn of a channel session."""
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Select, String, cast, delete, func, select
+from sqlalchemy import Integer, Select, String, and_, bindparam, case, cast, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -29,7 +30,7 @@ from persistence.models import (
     TurnRow,
     utcnow,
 )
-from persistence.records import ChannelSession, Persona, Role, Turn, TurnStatus
+from persistence.records import ChannelSession, Persona, Role, Turn, TurnStatus, WindowBudget
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,15 @@ _TURNS = TurnRow.__table__
 _TURN_MESSAGES = TurnMessageRow.__table__
 
 
-def _message_parts() -> Any:
-    """Per turn, its messages as one string `part:message_id,...` (a correlated subquery on the
-    (turn_id, part) index), so a window of turns and their messages is one statement."""
+def _message_parts(turns: Any = _TURNS) -> Any:
+    """Per turn of `turns`, its messages as one string `part:message_id,...` (a correlated subquery
+    on the (turn_id, part) index), so a window of turns and their messages is one statement."""
     messages = _TURN_MESSAGES.c
     pair = cast(messages.part, String) + ":" + cast(messages.message_id, String)
     return (
         select(func.aggregate_strings(pair, ","))
-        .where(messages.turn_id == _TURNS.c.id)
-        .correlate(_TURNS)
+        .where(messages.turn_id == turns.c.id)
+        .correlate(turns)
         .scalar_subquery()
     )
 
@@ -131,6 +132,12 @@ def _message_ids(parts: str | None) -> tuple[int, ...]:
     return tuple(message_id for _, message_id in pairs)
 
 
+def _turn_columns(columns: Any) -> list[Any]:
+    """The columns a Turn is built from (with its message ids after them), of a table or subquery."""
+    return [columns.id, columns.session_id, columns.role, columns.author_id, columns.author_name,
+            columns.content, columns.status, columns.created_at]
+
+
 def recent_turns_query(session_id: int, limit: int) -> Select[Any]:
     """The newest `limit` turns of a session with their message ids, newest first.
 
@@ -140,26 +147,64 @@ def recent_turns_query(session_id: int, limit: int) -> Select[Any]:
     """
     turns = _TURNS.c
     return (
-        select(
-            turns.id,
-            turns.session_id,
-            turns.role,
-            turns.author_id,
-            turns.author_name,
-            turns.content,
-            turns.status,
-            turns.created_at,
-            _message_parts(),
-        )
+        select(*_turn_columns(turns), _message_parts())
         .where(turns.session_id == session_id)
         .order_by(turns.id.desc())
         .limit(limit)
     )
 
 
-async def _recent_turns(s: AsyncSession, session_id: int, limit: int) -> list[Turn]:
-    """The newest `limit` turns of a session, oldest first."""
-    rows = (await s.execute(recent_turns_query(session_id, limit))).all()
+@functools.cache
+def window_query() -> Select[Any]:
+    """Of the newest `:limit` turns of `:session_id`, those that can still fit a window, newest first.
+
+    A turn can be in the prompt only if the newer turns leave it room, and they need at least
+    their lower bounds: so a turn is read when the bounds of the newer turns (a running sum over
+    the newest `:limit`, done by the database) stay below the room. On real conversations that is
+    a fraction of `:limit`, which is what the window costs: building the rows, not finding them.
+    Bounds are in characters, scaled by chars_per_token (`window_params`), so the arithmetic stays
+    in integers. Built once; its parameters come from `window_params`.
+    """
+    turns = _TURNS.c
+    # Turns the prompt leaves out (system notes, empty reserved replies) cost nothing.
+    in_prompt = and_(or_(turns.role == Role.USER.value, turns.role == Role.MODEL.value), turns.content != "")
+    cost = case((in_prompt, bindparam("per_turn", type_=Integer) + func.length(turns.content)), else_=0)
+    newest = (
+        select(turns.id, cost.label("cost"))
+        .where(turns.session_id == bindparam("session_id", type_=Integer))
+        .order_by(turns.id.desc())
+        .limit(bindparam("limit", type_=Integer))
+        .subquery()
+    )
+    before = func.sum(newest.c.cost).over(order_by=newest.c.id.desc()) - newest.c.cost
+    ranked = select(newest.c.id, before.label("before")).subquery()
+    return (
+        select(*_turn_columns(turns), _message_parts())
+        .join_from(ranked, _TURNS, ranked.c.id == turns.id)
+        .where(ranked.c.before < bindparam("room", type_=Integer))
+        .order_by(turns.id.desc())
+    )
+
+
+def window_params(session_id: int, limit: int, budget: WindowBudget) -> dict[str, int]:
+    """The parameters of `window_query`."""
+    scale = max(1, budget.chars_per_token)
+    return {
+        "session_id": session_id,
+        "limit": limit,
+        "per_turn": budget.per_turn * scale,
+        "room": budget.tokens * scale,
+    }
+
+
+async def _recent_turns(
+    s: AsyncSession, session_id: int, limit: int, budget: WindowBudget | None = None
+) -> list[Turn]:
+    """The newest `limit` turns of a session (those that fit `budget`, if given), oldest first."""
+    if budget is None:
+        rows = (await s.execute(recent_turns_query(session_id, limit))).all()
+    else:
+        rows = (await s.execute(window_query(), window_params(session_id, limit, budget))).all()
     rows.reverse()
     return [
         Turn(
@@ -487,12 +532,13 @@ class Repository:
             await s.commit()
             return _turn(row)
 
-    async def recent_turns(self, session_id: int, limit: int) -> list[Turn]:
-        """The newest `limit` turns of a session, oldest first."""
+    async def recent_turns(self, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
+        """The newest `limit` turns of a session, oldest first; with `budget`, only those of them
+        that can still fit a prompt window (see `window_query`)."""
         if limit <= 0:
             return []
         async with self.db.read() as s:
-            return await _recent_turns(s, session_id, limit)
+            return await _recent_turns(s, session_id, limit, budget)
 
     async def turn_by_message(self, message_id: int) -> Turn | None:
         """The turn a Discord message belongs to."""
