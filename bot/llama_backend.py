@@ -74,7 +74,6 @@ class LlamaBackend:
         self.can_shift = bool(memory is not None and llama_cpp.llama_memory_can_shift(memory))
         self.context_shift = cache_settings.context_shift and self.can_shift
         self.trim_fraction = cache_settings.trim_fraction
-        self.saved_bytes = 0  # size of the last state this worker saved, for the benchmarks
 
     # ---------------------------------------------------------------- KV-cache reuse
 
@@ -122,9 +121,7 @@ class LlamaBackend:
         """Save the channel this context holds into the shared cache (per-sequence state)."""
         if self.cache is None or self.key is None or self.llm.n_tokens == 0:
             return
-        data = self.state_bytes()
-        self.saved_bytes = len(data)
-        self.cache.put(self.key, self.live_tokens(), data)
+        self.cache.put(self.key, self.live_tokens(), self.state_bytes())
 
     def state_bytes(self) -> memoryview:
         """llama.cpp's state of sequence 0 (the KV cache of the live tokens), as a read-only buffer.

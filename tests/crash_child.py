@@ -29,6 +29,7 @@ import bot.__main__ as entry
 from bot.discord_bot import TavernBot
 from bot.discord_keys import channel_key
 from bot.fake_backend import FakeBackend, fake_engine
+from tests.discord_fixtures import close_signal
 
 STORY = (
     "The old road winds north past the mill, where the river bends twice before the bridge. "
@@ -81,14 +82,7 @@ async def _first_reply_message(env: simcord.Env, bot: TavernBot, world: World) -
 
 async def start_in_simcord(bot: TavernBot, _token: str) -> None:
     """Stands in for `TavernBot.start`: connect to SimCord instead of Discord and play the scene."""
-    closed = asyncio.Event()
-    close = bot.close
-
-    async def close_and_tell() -> None:
-        await close()
-        closed.set()
-
-    bot.close = close_and_tell  # type: ignore[method-assign]
+    closed = close_signal(bot)
     async with simcord.run(placeholder_bot(), settle_timeout=60) as env:
         world = build_world(env)
         emit("world", **world.ids())

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -179,3 +180,16 @@ def capture_interactions(bot) -> list[discord.Interaction]:
 
     bot.add_listener(grab, "on_interaction")
     return seen
+
+
+def close_signal(bot: TavernBot) -> asyncio.Event:
+    """An event set once `bot.close()` has run to the end (for tests that stand in for `bot.start`)."""
+    closed = asyncio.Event()
+    close = bot.close
+
+    async def close_and_tell() -> None:
+        await close()
+        closed.set()
+
+    bot.close = close_and_tell  # type: ignore[method-assign]
+    return closed

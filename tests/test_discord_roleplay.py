@@ -33,7 +33,15 @@ from bot.fake_backend import FakeBackend, fake_engine
 from bot.llama_backend import llama_engine
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
-from tests.discord_fixtures import bot_env, message_writes, replay, start_session, stored_turns, tavern_guild
+from tests.discord_fixtures import (
+    bot_env,
+    close_signal,
+    message_writes,
+    replay,
+    start_session,
+    stored_turns,
+    tavern_guild,
+)
 
 
 class Script:
@@ -626,14 +634,7 @@ def test_run_shuts_down_cleanly_on_sigterm(runner: FakeBackend, monkeypatch: pyt
     seen: dict[str, object] = {}
 
     async def until_closed(bot: TavernBot, token: str) -> None:
-        closed = asyncio.Event()
-        close = bot.close
-
-        async def close_and_tell() -> None:
-            await close()
-            closed.set()
-
-        bot.close = close_and_tell  # type: ignore[method-assign]
+        closed = close_signal(bot)
         seen["token"] = token
         os.kill(os.getpid(), signal.SIGTERM)
         await closed.wait()
