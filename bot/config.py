@@ -79,7 +79,7 @@ class CacheSettings(_Section):
     disk_dir: str = Field("", description="directory for states that leave RAM; empty = no disk tier")
     disk_bytes: int = Field(4 * 2**30, ge=0, description="saved channel states kept on disk, in bytes")
     context_shift: bool = Field(True, description="shift old turns out of the KV cache instead of re-evaluating")
-    trim_fraction: float = Field(0.25, ge=0.05, le=0.9, description="share of the turn room dropped per trim")
+    trim_fraction: float = Field(0.5, ge=0.05, le=0.9, description="share of the turn room dropped per trim")
 
 
 class DatabaseSettings(_Section):

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -49,12 +54,29 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _prepare_sqlite_path(url: URL) -> None:
-    """Create the parent directories of a SQLite database file if needed."""
+def _sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite database kept in a plain file (None in memory or for a URI)."""
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:") or url.query.get("uri"):
-        return
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return None
+    return Path(database).expanduser()
+
+
+def _listen_sqlite(engine: Engine) -> None:
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+
+
+async def _finish(work: asyncio.Future[T]) -> T:
+    """Await `work`, which keeps running if the caller is cancelled: wait for it to end before
+    passing the cancellation on, so a write lock is never released while the write goes on."""
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        if not work.cancelled() and (error := work.exception()) is not None:
+            log.error("a write failed after its caller was cancelled", exc_info=error)
+        raise
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -89,6 +111,32 @@ def _set_foreign_keys(connection: Connection, enabled: bool) -> None:
         cursor.close()
 
 
+@dataclass(frozen=True)
+class _FileAccess:
+    """A sync engine on a SQLite file, its session factories and the threads that use them."""
+
+    engine: Engine
+    threads: ThreadPoolExecutor
+    read: sessionmaker[Session]
+    write: sessionmaker[Session]
+
+    @classmethod
+    def on(cls, engine: Engine) -> _FileAccess:
+        """Sessions of `engine` (writes with `BEGIN IMMEDIATE`) on two threads."""
+        writer = engine.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"})
+        return cls(
+            engine,
+            ThreadPoolExecutor(2, thread_name_prefix="tavernkeep-db"),
+            sessionmaker(engine, expire_on_commit=False),
+            sessionmaker(writer, expire_on_commit=False),
+        )
+
+    def close(self) -> None:
+        """Wait for running work, then close the connections."""
+        self.threads.shutdown()
+        self.engine.dispose()
+
+
 class Database:
     """An async engine plus read and write session factories.
 
@@ -100,9 +148,11 @@ class Database:
     spent waiting on other processes.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        """Wrap an engine that is already configured (see `Database.open`)."""
+    def __init__(self, engine: AsyncEngine, file_engine: Engine | None = None) -> None:
+        """Wrap engines that are already configured (see `Database.open`); `file_engine`, a sync
+        engine on the same SQLite file, runs `run_sync` on threads."""
         self.engine = engine
+        self._file = None if file_engine is None else _FileAccess.on(file_engine)
         self.is_sqlite = engine.dialect.name == "sqlite"
         write_engine = (
             engine.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"}) if self.is_sqlite else engine
@@ -117,20 +167,32 @@ class Database:
         """Create the engine for `url` (any SQLAlchemy async URL) and, by default, migrate to head."""
         url = make_url(url)
         sqlite = url.get_backend_name() == "sqlite"
-        if sqlite:
-            _prepare_sqlite_path(url)
+        file = _sqlite_file(url) if sqlite else None
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, **engine_kwargs)
         if sqlite:
-            event.listen(engine.sync_engine, "connect", _sqlite_connect)
-            event.listen(engine.sync_engine, "begin", _sqlite_begin)
-        db = cls(engine)
+            _listen_sqlite(engine.sync_engine)
+        file_engine = None
+        if file is not None:
+            file_engine = create_engine(url.set(drivername="sqlite+pysqlite"))
+            _listen_sqlite(file_engine)
+        db = cls(engine, file_engine)
         if migrate:
             try:
                 await db.migrate()
             except BaseException:
-                await engine.dispose()
+                await db.close()
                 raise
         return db
+
+    @property
+    def sync_engines(self) -> list[Engine]:
+        """The sync engines whose connections reach the database (for connection events)."""
+        engines = [self.engine.sync_engine]
+        if self._file is not None:
+            engines.append(self._file.engine)
+        return engines
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest Alembic revision (a no-op when already there)."""
@@ -157,6 +219,31 @@ class Database:
         async with self._writer(), self._write_sessions() as session:
             yield session
 
+    async def run_sync(self, work: Callable[[Session], T], *, write: bool = False) -> T:
+        """Run `work(session)` with a sync session and return its result; a write must commit.
+
+        On a SQLite file the whole of it runs on a database thread over a plain sqlite3
+        connection: one hand-off from the loop instead of one per driver call, which is most of
+        what a short query costs through aiosqlite (a prompt window read: p50 about 5 ms through
+        the async session, under 2 ms this way). Elsewhere it runs in the async session's
+        `run_sync`. Writes queue on the same lock as `write()`.
+        """
+        file = self._file
+        if file is None:
+            async with self.write() if write else self.read() as session:
+                return await session.run_sync(work)
+        sessions = file.write if write else file.read
+
+        def run() -> T:
+            with sessions() as session:
+                return work(session)
+
+        loop = asyncio.get_running_loop()
+        if not write:
+            return await loop.run_in_executor(file.threads, run)
+        async with self._writer():
+            return await _finish(loop.run_in_executor(file.threads, run))
+
     @asynccontextmanager
     async def _writer(self) -> AsyncIterator[None]:
         """Hold this process's SQLite write lock (a no-op on other databases)."""
@@ -166,8 +253,16 @@ class Database:
         async with self._write_lock:
             yield
 
+    async def drop_connections(self) -> None:
+        """Close the pooled connections: the next use opens new ones (with the connect events then in place)."""
+        if self._file is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._file.engine.dispose)
+        await self.engine.dispose()
+
     async def close(self) -> None:
-        """Dispose of the engine and its pooled connections."""
+        """Dispose of the engines and their pooled connections."""
+        if self._file is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._file.close)
         await self.engine.dispose()
 
     async def __aenter__(self) -> Database:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -62,6 +63,22 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None] | None:
+        """On SQLite, parse the stored ISO text with `datetime.fromisoformat` (in C): the dialect's
+        own parser and `replace(tzinfo=...)` cost most of what reading a window of turns costs."""
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        def process(value: str | None) -> datetime | None:
+            if value is None:
+                return None
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is None:  # as stored: UTC without an offset; tagged by parsing it with one
+                return datetime.fromisoformat(value + "+00:00")
+            return parsed.astimezone(UTC)
+
+        return process
 
 
 class Base(DeclarativeBase):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, Select, String, and_, bindparam, case, cast, delete, func, or_, select
+from sqlalchemy import Integer, Select, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from persistence.database import Database
 from persistence.errors import (
@@ -109,102 +110,69 @@ _TURNS = TurnRow.__table__
 _TURN_MESSAGES = TurnMessageRow.__table__
 
 
-def _message_parts(turns: Any = _TURNS) -> Any:
-    """Per turn of `turns`, its messages as one string `part:message_id,...` (a correlated subquery
-    on the (turn_id, part) index), so a window of turns and their messages is one statement."""
-    messages = _TURN_MESSAGES.c
-    pair = cast(messages.part, String) + ":" + cast(messages.message_id, String)
-    return (
-        select(func.aggregate_strings(pair, ","))
-        .where(messages.turn_id == turns.c.id)
-        .correlate(turns)
-        .scalar_subquery()
-    )
+@functools.cache
+def newest_turns_query() -> Select[Any]:
+    """The newest `:limit` turns of `:session_id`, newest first (walking the (session_id, id) index
+    backwards, so rows come as they are read and a reader can stop early).
 
-
-def _message_ids(parts: str | None) -> tuple[int, ...]:
-    """Message ids in part order from `_message_parts`' string."""
-    if not parts:
-        return ()
-    if "," not in parts:  # the usual case: a turn in one message
-        return (int(parts.partition(":")[2]),)
-    pairs = sorted(tuple(map(int, pair.split(":"))) for pair in parts.split(","))
-    return tuple(message_id for _, message_id in pairs)
-
-
-def _turn_columns(columns: Any) -> list[Any]:
-    """The columns a Turn is built from (with its message ids after them), of a table or subquery."""
-    return [columns.id, columns.session_id, columns.role, columns.author_id, columns.author_name,
-            columns.content, columns.status, columns.created_at]
-
-
-def recent_turns_query(session_id: int, limit: int) -> Select[Any]:
-    """The newest `limit` turns of a session with their message ids, newest first.
-
-    Walks the (session_id, id) index backwards. Plain columns, not ORM rows: a prompt window is
-    hundreds of turns, and building and tracking that many mapped objects (plus a second query
-    for their messages) costs several times what SQLite spends finding them.
+    Plain columns, not ORM rows: a prompt window is hundreds of turns, and building and tracking
+    that many mapped objects costs several times what SQLite spends finding them.
     """
     turns = _TURNS.c
     return (
-        select(*_turn_columns(turns), _message_parts())
-        .where(turns.session_id == session_id)
+        select(turns.id, turns.session_id, turns.role, turns.author_id, turns.author_name,
+               turns.content, turns.status, turns.created_at)
+        .where(turns.session_id == bindparam("session_id", type_=Integer))
         .order_by(turns.id.desc())
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer))
     )
 
 
 @functools.cache
-def window_query() -> Select[Any]:
-    """Of the newest `:limit` turns of `:session_id`, those that can still fit a window, newest first.
+def messages_from_query() -> Select[Any]:
+    """The Discord messages of the turns of `:session_id` from id `:first` on, in turn and part order."""
+    messages = _TURN_MESSAGES.c
+    turns = _TURNS.c
+    return (
+        select(messages.turn_id, messages.message_id)
+        .join_from(_TURN_MESSAGES, _TURNS, turns.id == messages.turn_id)
+        .where(turns.session_id == bindparam("session_id", type_=Integer),
+               turns.id >= bindparam("first", type_=Integer))
+        .order_by(turns.id, messages.part)
+    )
+
+
+_IN_PROMPT = frozenset({Role.USER.value, Role.MODEL.value})
+
+
+def _recent_turns(s: Session, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
+    """The newest `limit` turns of a session, oldest first; with `budget`, only those that can fit.
 
     A turn can be in the prompt only if the newer turns leave it room, and they need at least
-    their lower bounds: so a turn is read when the bounds of the newer turns (a running sum over
-    the newest `:limit`, done by the database) stay below the room. On real conversations that is
-    a fraction of `:limit`, which is what the window costs: building the rows, not finding them.
-    Bounds are in characters, scaled by chars_per_token (`window_params`), so the arithmetic stays
-    in integers. Built once; its parameters come from `window_params`.
+    their lower bounds (`WindowBudget`): so turns are read newest first and reading stops once
+    the bounds of those read use up the room. On real conversations that is a fraction of `limit`.
+    Bounds are in characters, scaled by chars_per_token, so the arithmetic stays in integers.
     """
-    turns = _TURNS.c
-    # Turns the prompt leaves out (system notes, empty reserved replies) cost nothing.
-    in_prompt = and_(or_(turns.role == Role.USER.value, turns.role == Role.MODEL.value), turns.content != "")
-    cost = case((in_prompt, bindparam("per_turn", type_=Integer) + func.length(turns.content)), else_=0)
-    newest = (
-        select(turns.id, cost.label("cost"))
-        .where(turns.session_id == bindparam("session_id", type_=Integer))
-        .order_by(turns.id.desc())
-        .limit(bindparam("limit", type_=Integer))
-        .subquery()
-    )
-    before = func.sum(newest.c.cost).over(order_by=newest.c.id.desc()) - newest.c.cost
-    ranked = select(newest.c.id, before.label("before")).subquery()
-    return (
-        select(*_turn_columns(turns), _message_parts())
-        .join_from(ranked, _TURNS, ranked.c.id == turns.id)
-        .where(ranked.c.before < bindparam("room", type_=Integer))
-        .order_by(turns.id.desc())
-    )
-
-
-def window_params(session_id: int, limit: int, budget: WindowBudget) -> dict[str, int]:
-    """The parameters of `window_query`."""
-    scale = max(1, budget.chars_per_token)
-    return {
-        "session_id": session_id,
-        "limit": limit,
-        "per_turn": budget.per_turn * scale,
-        "room": budget.tokens * scale,
-    }
-
-
-async def _recent_turns(
-    s: AsyncSession, session_id: int, limit: int, budget: WindowBudget | None = None
-) -> list[Turn]:
-    """The newest `limit` turns of a session (those that fit `budget`, if given), oldest first."""
-    if budget is None:
-        rows = (await s.execute(recent_turns_query(session_id, limit))).all()
-    else:
-        rows = (await s.execute(window_query(), window_params(session_id, limit, budget))).all()
+    rows = []
+    scale = max(1, budget.chars_per_token) if budget is not None else 1
+    room = budget.tokens * scale if budget is not None else 0
+    per_turn = budget.per_turn * scale if budget is not None else 0
+    used = 0
+    result = s.execute(newest_turns_query(), {"session_id": session_id, "limit": limit})
+    for row in itertools.chain.from_iterable(result.partitions(64)):  # fetched 64 at a time
+        if budget is not None:
+            if used >= room:
+                break
+            if row[2] in _IN_PROMPT and row[5]:  # turns the prompt leaves out cost nothing
+                used += per_turn + len(row[5])
+        rows.append(row)
+    result.close()
+    if not rows:
+        return []
+    message_ids: dict[int, list[int]] = {}
+    params = {"session_id": session_id, "first": rows[-1][0]}
+    for turn_id, message_id in s.execute(messages_from_query(), params).all():
+        message_ids.setdefault(turn_id, []).append(message_id)
     rows.reverse()
     return [
         Turn(
@@ -216,9 +184,9 @@ async def _recent_turns(
             content=content,
             status=_STATUSES[status],
             created_at=created_at,
-            message_ids=_message_ids(parts),
+            message_ids=tuple(message_ids.get(turn_id, ())),
         )
-        for turn_id, session, role, author_id, author_name, content, status, created_at, parts in rows
+        for turn_id, session, role, author_id, author_name, content, status, created_at in rows
     ]
 
 
@@ -268,7 +236,7 @@ class Repository:
             raise DuplicateMessage(m for m in message_ids if message_ids.count(m) > 1)
 
     @staticmethod
-    async def _flush_messages(s: AsyncSession, message_ids: Sequence[int]) -> None:
+    def _flush_messages(s: Session, message_ids: Sequence[int]) -> None:
         """Flush; on an integrity error roll back, and a unique violation on `turn_messages` becomes
         DuplicateMessage naming the taken ids.
 
@@ -276,14 +244,12 @@ class Repository:
         only after a refused flush.
         """
         try:
-            await s.flush()
+            s.flush()
         except IntegrityError as error:
-            await s.rollback()
+            s.rollback()
             if not _is_duplicate_message(error):
                 raise
-            taken = await s.scalars(
-                select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids))
-            )
+            taken = s.scalars(select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids)))
             raise DuplicateMessage(list(taken) or message_ids) from error
 
     # --- guilds ------------------------------------------------------------------------------------
@@ -511,34 +477,36 @@ class Repository:
         Raises `DuplicateMessage` (nothing stored) if a message id is already mapped.
         """
         ids = list(message_ids)
-        async with self.db.write() as s:
-            self._check_distinct(ids)
-            row = TurnRow(
-                session_id=session_id,
-                role=Role(role).value,
-                author_id=author_id,
-                author_name=author_name,
-                content=content,
-                status=TurnStatus(status).value,
-                messages=[TurnMessageRow(message_id=m, part=i) for i, m in enumerate(ids)],
-            )
+        self._check_distinct(ids)
+        row = TurnRow(
+            session_id=session_id,
+            role=Role(role).value,
+            author_id=author_id,
+            author_name=author_name,
+            content=content,
+            status=TurnStatus(status).value,
+            messages=[TurnMessageRow(message_id=m, part=i) for i, m in enumerate(ids)],
+        )
+
+        def append(s: Session) -> Turn:
             s.add(row)
             try:
-                await self._flush_messages(s, ids)
+                self._flush_messages(s, ids)
             except IntegrityError as error:  # the session's foreign key (no lookup before every write)
-                if await s.get(ChannelSessionRow, session_id) is None:
+                if s.get(ChannelSessionRow, session_id) is None:
                     raise SessionNotFound(session_id) from error
                 raise
-            await s.commit()
+            s.commit()
             return _turn(row)
+
+        return await self.db.run_sync(append, write=True)
 
     async def recent_turns(self, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
         """The newest `limit` turns of a session, oldest first; with `budget`, only those of them
-        that can still fit a prompt window (see `window_query`)."""
+        that can still fit a prompt window (see `_recent_turns`)."""
         if limit <= 0:
             return []
-        async with self.db.read() as s:
-            return await _recent_turns(s, session_id, limit, budget)
+        return await self.db.run_sync(lambda s: _recent_turns(s, session_id, limit, budget))
 
     async def turn_by_message(self, message_id: int) -> Turn | None:
         """The turn a Discord message belongs to."""
@@ -576,18 +544,21 @@ class Repository:
     async def add_turn_messages(self, turn_id: int, message_ids: Iterable[int]) -> Turn:
         """Map more Discord messages (the next parts) to a turn; `DuplicateMessage` if one is taken."""
         ids = list(message_ids)
-        async with self.db.write() as s:
-            row = await s.scalar(_turn_query(turn_id))
+        self._check_distinct(ids)
+
+        def add(s: Session) -> Turn:
+            row = s.scalar(_turn_query(turn_id))
             if row is None:
                 raise TurnNotFound(turn_id)
-            self._check_distinct(ids)
             if mapped := [m.message_id for m in row.messages if m.message_id in ids]:
                 raise DuplicateMessage(mapped)  # already this turn's (the index catches other turns')
             start = max((m.part for m in row.messages), default=-1) + 1
             row.messages.extend(TurnMessageRow(message_id=m, part=start + i) for i, m in enumerate(ids))
-            await self._flush_messages(s, ids)
-            await s.commit()
+            self._flush_messages(s, ids)
+            s.commit()
             return _turn(row)
+
+        return await self.db.run_sync(add, write=True)
 
     async def count_turns(self, session_id: int) -> int:
         """How many turns a session has."""
@@ -599,9 +570,8 @@ class Repository:
 
     async def latest_turn(self, session_id: int) -> Turn | None:
         """The newest turn of a session."""
-        async with self.db.read() as s:
-            turns = await _recent_turns(s, session_id, 1)
-            return turns[0] if turns else None
+        turns = await self.recent_turns(session_id, 1)
+        return turns[0] if turns else None
 
     # --- user data ---------------------------------------------------------------------------------
 

@@ -310,12 +310,12 @@ def _disk_full(connection: Any, _record: Any) -> None:
 
 async def _set_fault(t: BotEnv, listener: Callable[[Any, Any], None], on: bool) -> None:
     """Apply `listener` to every new connection (or stop) and drop the pooled ones so it takes effect."""
-    engine = t.database.engine.sync_engine
-    if on:
-        event.listen(engine, "connect", listener)
-    else:
-        event.remove(engine, "connect", listener)
-    await t.database.engine.dispose()
+    for engine in t.database.sync_engines:
+        if on:
+            event.listen(engine, "connect", listener)
+        else:
+            event.remove(engine, "connect", listener)
+    await t.database.drop_connections()
 
 
 @pytest.mark.parametrize(

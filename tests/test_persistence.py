@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import closing
@@ -16,6 +17,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Column, Connection, Integer, MetaData, event, make_url, text
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
 
 from persistence import (
@@ -33,8 +35,8 @@ from persistence import (
     TurnStatus,
 )
 from persistence.database import alembic_config
-from persistence.models import Base, ChannelSessionRow
-from persistence.repository import recent_turns_query
+from persistence.models import Base, ChannelSessionRow, UTCDateTime
+from persistence.repository import messages_from_query, newest_turns_query
 
 GUILD = 111_111_111_111_111_111
 OTHER_GUILD = 222_222_222_222_222_222
@@ -475,35 +477,104 @@ async def test_recent_turns_returns_newest_in_order(repo: Repository, db: Databa
     def capture(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
 
-    event.listen(db.engine.sync_engine, "before_cursor_execute", capture)
+    for engine in db.sync_engines:
+        event.listen(engine, "before_cursor_execute", capture)
     try:
         recent = await repo.recent_turns(a.id, 5)
     finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
+        for engine in db.sync_engines:
+            event.remove(engine, "before_cursor_execute", capture)
     assert [t.content for t in recent] == ["a25", "a26", "a27", "a28", "a29"]
-    turn_queries = [q for q in statements if "FROM turns" in q]
-    assert (
-        len(turn_queries) == 1 and "ORDER BY turns.id DESC" in turn_queries[0] and "LIMIT" in turn_queries[0]
-    )
+    # The turns (a LIMIT over the index, newest first), then the messages of those turns only.
+    turns, messages = [q for q in statements if "FROM turns" in q or "FROM turn_messages" in q]
+    assert "ORDER BY turns.id DESC" in turns and "LIMIT" in turns
+    assert "turns.id >= ?" in messages
 
     assert [t.content for t in await repo.recent_turns(b.id, 2)] == ["b28", "b29"]
     assert len(await repo.recent_turns(a.id, 100)) == 30
     assert await repo.recent_turns(a.id, 0) == []
 
 
-async def test_recent_turns_query_uses_index(repo: Repository, db: Database) -> None:
+async def test_window_queries_use_the_index(repo: Repository, db: Database) -> None:
     session = await repo.start_session("discord:1")
     for i in range(20):
         await repo.append_turn(session.id, Role.USER, str(i))
-    sql = str(
-        recent_turns_query(session.id, 5).compile(
-            dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}
-        )
-    )
-    async with db.read() as s:
-        plan = " | ".join(str(r[-1]) for r in await s.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
-    assert "USING" in plan and "INDEX ix_turns_session_id_id (session_id=?)" in plan, plan
-    assert "TEMP B-TREE" not in plan and "SCAN turns" not in plan, plan
+    params = {"session_id": session.id, "limit": 5, "first": 3}
+    for query in (newest_turns_query(), messages_from_query()):
+        bound = query.params(**params)
+        sql = str(bound.compile(dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}))
+        async with db.read() as s:
+            plan = " | ".join(str(r[-1]) for r in await s.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+        assert "INDEX ix_turns_session_id_id (session_id=?" in plan, (sql, plan)
+        assert "SCAN turns" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
+
+
+async def test_hot_paths_run_on_a_database_thread(repo: Repository, db: Database) -> None:
+    """Appends and window reads run whole on a database thread: nothing of them on the loop's thread."""
+    session = await repo.start_session("discord:1")
+    threads: list[str] = []
+
+    def capture(*_args: Any) -> None:
+        threads.append(threading.current_thread().name)
+
+    for engine in db.sync_engines:
+        event.listen(engine, "before_cursor_execute", capture)
+    try:
+        turn = await repo.append_turn(session.id, Role.USER, "hello", message_ids=[1])
+        await repo.add_turn_messages(turn.id, [2])
+        assert [t.message_ids for t in await repo.recent_turns(session.id, 10)] == [(1, 2)]
+    finally:
+        for engine in db.sync_engines:
+            event.remove(engine, "before_cursor_execute", capture)
+    assert threads and all(name.startswith("tavernkeep-db") for name in threads), threads
+
+
+async def test_in_memory_database_runs_on_the_async_session() -> None:
+    """Without a file other connections could open, the same calls run through the async session."""
+    db = await Database.open("sqlite+aiosqlite://")
+    try:
+        assert len(db.sync_engines) == 1
+        repo = Repository(db)
+        session = await repo.start_session("discord:1")
+        turn = await repo.append_turn(session.id, Role.USER, "hello", message_ids=[1])
+        assert await repo.recent_turns(session.id, 10) == [turn]
+    finally:
+        await db.close()
+
+
+async def test_cancelled_write_is_finished_before_the_cancellation_returns(repo: Repository, db: Database) -> None:
+    """A write on the database thread cannot be stopped halfway: the cancelled caller waits for it,
+    so the write lock is never handed on while it still runs, and the stored turn is whole."""
+    session = await repo.start_session("discord:1")
+    started = threading.Event()
+
+    def slow_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO turns"):
+            started.set()
+            time.sleep(0.3)
+
+    engine = db.sync_engines[-1]
+    event.listen(engine, "before_cursor_execute", slow_insert)
+    try:
+        task = asyncio.create_task(repo.append_turn(session.id, Role.USER, "hello", message_ids=[7]))
+        assert await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        event.remove(engine, "before_cursor_execute", slow_insert)
+    [turn] = await repo.recent_turns(session.id, 10)
+    assert (turn.content, turn.message_ids) == ("hello", (7,))
+
+
+def test_utc_datetimes_read_from_sqlite_text() -> None:
+    process = UTCDateTime().result_processor(sqlite_dialect(), None)
+    assert process is not None
+    assert process("2026-11-24 16:01:16.323311") == datetime(2026, 11, 24, 16, 1, 16, 323311, tzinfo=UTC)
+    assert process("2026-11-24 16:01:16") == datetime(2026, 11, 24, 16, 1, 16, tzinfo=UTC)
+    shifted = process("2026-11-24 18:01:16+02:00")
+    assert shifted == datetime(2026, 11, 24, 16, 1, 16, tzinfo=UTC) and shifted.tzinfo is UTC
+    assert process(None) is None
 
 
 async def test_duplicate_message_ids_write_nothing(repo: Repository) -> None:
