@@ -1,4 +1,5 @@
-"""Async engine and session setup: SQLite pragmas, explicit transactions, migrations on open."""
+"""Engine and session setup: SQLite pragmas, explicit transactions, migrations on open, and the
+database threads that run the hot paths of a SQLite file in one step."""
 
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ class Database:
     `BEGIN IMMEDIATE`, so a writer takes the write lock up front (waiting up to the busy
     timeout) instead of failing with "database is locked" when upgrading a read lock, and
     writers of this process also queue on an asyncio lock, so the busy timeout is only ever
-    spent waiting on other processes.
+    spent waiting on other processes. `run_sync` runs a whole piece of sync work at once: on a
+    SQLite file, on a database thread.
     """
 
     def __init__(self, engine: AsyncEngine, file_engine: Engine | None = None) -> None:

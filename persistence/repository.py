@@ -6,10 +6,10 @@ import functools
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, Select, bindparam, delete, func, select
+from sqlalchemy import Integer, Row, Select, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, selectinload
@@ -145,32 +145,37 @@ def messages_from_query() -> Select[Any]:
 _IN_PROMPT = frozenset({Role.USER.value, Role.MODEL.value})
 
 
-def _recent_turns(s: Session, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
-    """The newest `limit` turns of a session, oldest first; with `budget`, only those that can fit.
+def _within(rows: Iterable[Row[Any]], budget: WindowBudget) -> Iterator[Row[Any]]:
+    """Of turn rows read newest first, those that can still fit a prompt window.
 
     A turn can be in the prompt only if the newer turns leave it room, and they need at least
-    their lower bounds (`WindowBudget`): so turns are read newest first and reading stops once
-    the bounds of those read use up the room. On real conversations that is a fraction of `limit`.
-    Bounds are in characters, scaled by chars_per_token, so the arithmetic stays in integers.
+    their lower bounds (`WindowBudget`): so reading stops once the bounds of the rows read use
+    up the room. On real conversations that is a fraction of the turns that could fit at the
+    minimum size. Bounds are in characters scaled by chars_per_token: integer arithmetic.
     """
-    rows = []
-    scale = max(1, budget.chars_per_token) if budget is not None else 1
-    room = budget.tokens * scale if budget is not None else 0
-    per_turn = budget.per_turn * scale if budget is not None else 0
-    used = 0
+    scale = max(1, budget.chars_per_token)
+    room, per_turn, used = budget.tokens * scale, budget.per_turn * scale, 0
+    for row in rows:
+        if used >= room:
+            return
+        yield row
+        if row.role in _IN_PROMPT and row.content:  # turns the prompt leaves out cost nothing
+            used += per_turn + len(row.content)
+
+
+def _recent_turns(s: Session, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
+    """The newest `limit` turns of a session, oldest first; with `budget`, only those that can fit
+    (`_within`). Two statements in one read transaction: the turns, then their messages."""
     result = s.execute(newest_turns_query(), {"session_id": session_id, "limit": limit})
-    for row in itertools.chain.from_iterable(result.partitions(64)):  # fetched 64 at a time
-        if budget is not None:
-            if used >= room:
-                break
-            if row[2] in _IN_PROMPT and row[5]:  # turns the prompt leaves out cost nothing
-                used += per_turn + len(row[5])
-        rows.append(row)
-    result.close()
+    if budget is None:
+        rows = result.all()
+    else:  # fetched 64 at a time, so reading stops near where the window does
+        rows = list(_within(itertools.chain.from_iterable(result.partitions(64)), budget))
+        result.close()
     if not rows:
         return []
     message_ids: dict[int, list[int]] = {}
-    params = {"session_id": session_id, "first": rows[-1][0]}
+    params = {"session_id": session_id, "first": rows[-1].id}
     for turn_id, message_id in s.execute(messages_from_query(), params).all():
         message_ids.setdefault(turn_id, []).append(message_id)
     rows.reverse()
@@ -336,12 +341,14 @@ class Repository:
     # --- sessions ----------------------------------------------------------------------------------
 
     async def get_active_session(self, channel_key: str) -> ChannelSession | None:
-        """The non-archived session of a channel (running or paused), if any."""
-        async with self.db.read() as s:
-            row = await s.scalar(
-                _open_session_query(channel_key).options(selectinload(ChannelSessionRow.persona))
-            )
+        """The non-archived session of a channel (running or paused), if any (read on every message)."""
+        query = _open_session_query(channel_key).options(selectinload(ChannelSessionRow.persona))
+
+        def read(s: Session) -> ChannelSession | None:
+            row = s.scalar(query)
             return None if row is None else _session(row, row.persona)
+
+        return await self.db.run_sync(read)
 
     async def start_session(
         self,
@@ -503,7 +510,7 @@ class Repository:
 
     async def recent_turns(self, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
         """The newest `limit` turns of a session, oldest first; with `budget`, only those of them
-        that can still fit a prompt window (see `_recent_turns`)."""
+        that can still fit a prompt window (see `_within`)."""
         if limit <= 0:
             return []
         return await self.db.run_sync(lambda s: _recent_turns(s, session_id, limit, budget))
@@ -524,15 +531,18 @@ class Repository:
         self, turn_id: int, content: str, *, status: TurnStatus | str | None = None
     ) -> Turn | None:
         """Replace a turn's content (and status, if given); None if there is no such turn."""
-        async with self.db.write() as s:
-            row = await s.scalar(_turn_query(turn_id))
+
+        def edit(s: Session) -> Turn | None:
+            row = s.scalar(_turn_query(turn_id))
             if row is None:
                 return None
             row.content = content
             if status is not None:
                 row.status = TurnStatus(status).value
-            await s.commit()
+            s.commit()
             return _turn(row)
+
+        return await self.db.run_sync(edit, write=True)
 
     async def delete_turn(self, turn_id: int) -> bool:
         """Delete a turn and its message mappings; False if it did not exist."""
