@@ -8,6 +8,7 @@
 4. event loop lag while the workers generate (switching channels), vs the same work on the loop
 5. database: append-turn latency and prompt-window load for a channel of 100,000 turns
 6. memory: resident memory with 1, 2 and 4 workers; what each worker adds; saved channel states
+7. experiment: several channels decoded in one llama.cpp call vs one at a time and vs 2 workers
 
 On a busy machine every timing only gets slower, so paired figures alternate their two sides and
 keep the best of several runs where the work is identical.
@@ -784,6 +785,25 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------ 7
+
+
+def bench_batched(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each channel a conversation of its own (8 turn pairs, about 600 tokens), as many channels as `batch_channels`."""
+    import llama_cpp
+
+    from bench.batched import bench_batched as run_batched
+
+    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
+    try:
+        prompts = [build_prompt(vocab, Conversation(PERSONA, tuple(history(8, f"#{c}"))), n_ctx=args.n_ctx,
+                                max_new_tokens=args.batch_tokens).tokens for c in range(max(args.batch_channels))]
+    finally:
+        vocab.close()
+    return [run_batched(args.model, prompts[:n], threads=args.threads, count=args.batch_tokens, reps=args.batch_reps)
+            for n in args.batch_channels]
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -913,6 +933,19 @@ def report(results: dict[str, Any]) -> str:
         name = "context shift" if t["context_shift"] else "chunked trim"
         row(f"6. saved channel state after 1. ({name})", f"{mib(t['state_bytes'])} / {t['state_tokens']} tok",
             "", "", "report", None)
+    for b in results.get("batched", []):
+        row(f"7. experiment, {b['channels']} channels decoded together: tokens/s, batched vs one at a time "
+            f"({b['threads']} threads)", f"{b['batched_tokens_per_s']:.0f}", f"{b['one_at_a_time_tokens_per_s']:.0f}",
+            f"{b['batched_vs_one_at_a_time']:.2f}", "report", None)
+        row(f"7. experiment, {b['channels']} channels: batched vs 2 workers x 1 thread (the engine today)",
+            f"{b['batched_tokens_per_s']:.0f}", f"{b['per_worker_tokens_per_s']:.0f}",
+            f"{b['batched_vs_per_worker']:.2f}", "report", None)
+    if results.get("batched"):
+        b = results["batched"][0]
+        same = ", ".join(f"{x['same_tokens'] * 100:.0f}%" for x in results["batched"])
+        notes.append(f"7.: every channel's prompt evaluated first (not timed), then {b['tokens_per_channel']} greedy "
+                     f"tokens per channel, best of {b['reps']} (ABBA); batched tokens equal to those generated one "
+                     f"at a time: {same}. Not used by the bot.")
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)])
 
 
@@ -922,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated benchmark numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated benchmark numbers")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--kv-type", default="f16", help=argparse.SUPPRESS)
@@ -944,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lag_reference_seconds = 1.5
         args.db_turns, args.db_samples = 100_000, 100
         args.memory_workers, args.speed_tokens = (1, 2), 300
+        args.batch_channels, args.batch_tokens, args.batch_reps = (2, 4), 16, 2
     else:
         args.turns, args.trim_turns, args.sample_every = 200, 100, 15
         args.channels, args.rounds, args.none_requests = 8, 2, 2
@@ -951,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lag_reference_seconds = 3.0
         args.db_turns, args.db_samples = 100_000, 300
         args.memory_workers, args.speed_tokens = (1, 2, 4), 600
+        args.batch_channels, args.batch_tokens, args.batch_reps = (2, 4, 8), 48, 4
     # A full window's saved state (about 23 KiB per token for the demo model), so every channel fits in RAM.
     args.state_bytes_hint = 24 * 1024 * args.n_ctx
     only = {int(x) for x in args.only.split(",") if x.strip()}
@@ -965,6 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
         (4, "loop_lag", lambda: bench_loop_lag(args)),
         (5, "database", lambda: bench_database(args)),
         (6, "memory", lambda: bench_memory(args)),
+        (7, "batched", lambda: bench_batched(args)),
     ]
     started = time.perf_counter()
     for number, name, step in steps:
