@@ -69,7 +69,7 @@ class _Context:
             for start in range(0, len(prompt), N_BATCH):
                 chunk = prompt[start : start + N_BATCH]
                 self.decode([(t, start + i, seq, start + i == len(prompt) - 1) for i, t in enumerate(chunk)])
-            first.append(self.argmax(len(prompt) - 1 - (len(prompt) - 1) // N_BATCH * N_BATCH))
+            first.append(self.argmax((len(prompt) - 1) % N_BATCH))  # its last token, in the last chunk
         return first
 
     def rewind(self, lengths: Sequence[int], seqs: Sequence[int]) -> None:
@@ -166,10 +166,11 @@ def bench_batched(model_path: str, prompts: Sequence[Sequence[int]], *, threads:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
     n = len(prompts)
     n_ctx = n * (max(map(len, prompts)) + count + 16)
-    contexts = [_Context(llama_cpp, model, n_ctx=n_ctx, threads=threads, n_seq=n)]
+    contexts: list[_Context] = []
     best = {"one_at_a_time": float("inf"), "per_worker": float("inf"), "batched": float("inf")}
     outputs: dict[str, list[list[int]]] = {}
     try:
+        contexts.append(_Context(llama_cpp, model, n_ctx=n_ctx, threads=threads, n_seq=n))
         contexts += [_Context(llama_cpp, model, n_ctx=n_ctx, threads=1, n_seq=(n + 1) // 2) for _ in range(2)]
         together = _Loaded.on(contexts[0], prompts)
         workers = [_Loaded.on(ctx, prompts[w::2]) for w, ctx in enumerate(contexts[1:])]
