@@ -364,7 +364,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     Both contexts come from `llama_params` with the same settings (threads included), both get
     the same prompt tokens, sampling settings and seed, and the direct loop generates exactly as
-    many tokens as the engine did. The two alternate (ABBA), and each keeps its best run.
+    many tokens as the engine did. The two alternate (ABBA); each side's rate is over all its runs.
     """
     import llama_cpp
 
@@ -434,7 +434,14 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                 "replay": replay_tokens}
 
     measured = asyncio.run(run())
-    engine_rate, direct_rate = max(measured["engine_all"]), max(measured["direct_all"])
+    # The rate over all runs of a side (all tokens over all time): timings here swing both ways
+    # between runs (the host's load and clock), so the best run is a lucky one, not a clean one.
+    counts = measured["generated"]
+
+    def overall(rates: list[float]) -> float:
+        return sum(c - 1 for c in counts) / sum((c - 1) / r for c, r in zip(counts, rates, strict=True))
+
+    engine_rate, direct_rate = overall(measured["engine_all"]), overall(measured["direct_all"])
     per_token = replay_cost(args, settings, measured["replay"], request)
     return {
         "engine_tokens_per_s": engine_rate, "direct_tokens_per_s": direct_rate,
@@ -444,6 +451,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         "engine_all": measured["engine_all"], "direct_all": measured["direct_all"],
         "paired_ratio_median": median([e / d for e, d in zip(measured["engine_all"], measured["direct_all"],
                                                              strict=False)]),
+        "best_ratio": max(measured["engine_all"]) / max(measured["direct_all"]),
         **per_token,
     }
 
@@ -870,7 +878,7 @@ def report(results: dict[str, Any]) -> str:
                      f"reuse: {i['none']['requests']} requests per worker count (each evaluates a whole window).")
     if "overhead" in results:
         o = results["overhead"]
-        row(f"3. generation tokens/s, engine vs llama-cpp-python ({o['threads']} threads, best of {o['reps']})",
+        row(f"3. generation tokens/s, engine vs llama-cpp-python ({o['threads']} threads, {o['reps']} runs each)",
             f"{o['engine_tokens_per_s']:.1f}", f"{o['direct_tokens_per_s']:.1f}", f"{o['ratio']:.2f}", ">= 0.95",
             o["ratio"] >= 0.95)
         if "worker_us_per_token" in o:
@@ -879,7 +887,8 @@ def report(results: dict[str, Any]) -> str:
                 f"{1e6 / o['direct_tokens_per_s']:.0f} us per token generated", "", "report", None)
         notes.append(f"3.: both contexts from llama_params() with the same settings, same prompt, sampling and seed; "
                      f"the direct loop generates as many tokens as the engine did ({o['generated_tokens'][0]}); "
-                     f"ABBA order; median of paired ratios {o['paired_ratio_median']:.2f}.")
+                     f"ABBA order; tokens/s over all runs of a side; median of paired ratios "
+                     f"{o['paired_ratio_median']:.2f}, best run / best run {o.get('best_ratio', float('nan')):.2f}.")
     if "loop_lag" in results:
         lag = results["loop_lag"]
         e, b, idle, hogs = lag["engine"], lag["on_loop"], lag["idle"], lag["cpu_hogs"]
@@ -981,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.turns, args.trim_turns, args.sample_every = 200, 100, 15
         args.channels, args.rounds, args.none_requests = 8, 2, 2
-        args.gen_tokens, args.overhead_reps, args.lag_tokens = 128, 10, 64
+        args.gen_tokens, args.overhead_reps, args.lag_tokens = 128, 16, 64
         args.lag_reference_seconds = 3.0
         args.db_turns, args.db_samples = 100_000, 300
         args.memory_workers, args.speed_tokens = (1, 2, 4), 600
