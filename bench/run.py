@@ -10,8 +10,9 @@
 6. memory: resident memory with 1, 2 and 4 workers; what each worker adds; saved channel states
 7. experiment: several channels decoded in one llama.cpp call vs one at a time and vs 2 workers
 
-On a busy machine every timing only gets slower, so paired figures alternate their two sides and
-keep the best of several runs where the work is identical.
+Paired figures alternate their two sides (ABBA), so a busy machine slows both alike, and keep
+the best of several runs where the work is identical; benchmark 3 takes each side's rate over all
+its runs instead, as this host's speed swings both ways between runs.
 """
 
 from __future__ import annotations
