@@ -365,8 +365,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     Both contexts come from `llama_params` with the same settings (threads included), both get
     the same prompt tokens, sampling settings and seed, and the direct loop generates exactly as
-    many tokens as the engine did. The two alternate (ABBA), each side's context is made first in
-    half of the runs, and each side's rate is over all its runs.
+    many tokens as the engine did. The two alternate (ABBA); each side's rate is over all its runs.
     """
     import llama_cpp
 
@@ -379,15 +378,12 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         held.append(LlamaBackend(args.model, settings))
         return held[-1]
 
-    async def run(engine_first: bool, reps: int) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         engine = Engine(factory)
-        if engine_first:
-            await engine.start()
+        await engine.start()
+        backend = held[0]
         llm = llama_cpp.Llama(**llama_params(args.model, settings))
-        if not engine_first:
-            await engine.start()
-        backend = held[-1]
         prompt = build_prompt(llm, conv, n_ctx=args.n_ctx, max_new_tokens=args.gen_tokens).tokens
 
         async def through_engine() -> tuple[float, int, list[int]]:
@@ -422,7 +418,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
             # different speed here (caches and the CPU's clock after idling).
             await through_engine()
             await loop.run_in_executor(None, direct, args.gen_tokens)
-            for rep in range(reps):
+            for rep in range(args.overhead_reps):
                 for side in (("engine", "direct") if rep % 2 == 0 else ("direct", "engine")):
                     if side == "engine":
                         rate, count, replay_tokens = await through_engine()
@@ -438,12 +434,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         return {"engine_all": engine_rates, "direct_all": direct_rates, "generated": counts,
                 "replay": replay_tokens}
 
-    # Half the runs with the engine's context made first, half with the direct one first: after a
-    # long benchmark the context allocated first ran about 5% slower here, whichever side it was.
-    halves = [asyncio.run(run(first, reps)) for first, reps in
-              ((True, args.overhead_reps // 2), (False, args.overhead_reps - args.overhead_reps // 2))]
-    measured = {key: [x for half in halves for x in half[key]] for key in ("engine_all", "direct_all", "generated")}
-    measured["replay"] = halves[-1]["replay"]
+    measured = asyncio.run(run())
     # The rate over all runs of a side (all tokens over all time): timings here swing both ways
     # between runs (the host's load and clock), so the best run is a lucky one, not a clean one.
     counts = measured["generated"]
@@ -897,8 +888,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{1e6 / o['direct_tokens_per_s']:.0f} us per token generated", "", "report", None)
         notes.append(f"3.: both contexts from llama_params() with the same settings, same prompt, sampling and seed; "
                      f"the direct loop generates as many tokens as the engine did ({o['generated_tokens'][0]}); "
-                     f"ABBA order, each side's context made first in half of the runs; tokens/s over all runs "
-                     f"of a side; median of paired ratios "
+                     f"ABBA order; tokens/s over all runs of a side; median of paired ratios "
                      f"{o['paired_ratio_median']:.2f}, best run / best run {o.get('best_ratio', float('nan')):.2f}.")
     if "loop_lag" in results:
         lag = results["loop_lag"]
