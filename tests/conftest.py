@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from bot.demo_model import ensure_demo_model
+from persistence import Database, Repository
 from tests.model_files import ensure_spm_vocab
 
 
@@ -28,3 +30,19 @@ def spm_vocab():
 def db_url(tmp_path: Path) -> str:
     """URL of a fresh SQLite file database."""
     return f"sqlite+aiosqlite:///{tmp_path / 'tavernkeep.db'}"
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """An opened, migrated database on a fresh file."""
+    database = await Database.open(db_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def repo(db: Database) -> Repository:
+    """A repository on the fresh database."""
+    return Repository(db)

@@ -169,27 +169,20 @@ def test_sliding_window_shifts_the_cache_when_the_model_can(demo_model_path):
         b.close()
 
 
-def test_without_shift_the_window_is_trimmed_in_chunks(demo_model_path):
-    b = backend(demo_model_path, StateCache(64 * 2**20), n_ctx=256, shift=False)
+@pytest.mark.parametrize("why", ["switched off", "model cannot shift"])
+def test_without_shift_the_window_is_trimmed_in_chunks(demo_model_path, monkeypatch, why):
+    if why == "model cannot shift":
+        import llama_cpp
+
+        monkeypatch.setattr(llama_cpp, "llama_memory_can_shift", lambda _memory: False)
+    b = backend(demo_model_path, StateCache(64 * 2**20), n_ctx=256, shift=why == "model cannot shift")
     try:
         assert not b.context_shift
-        full = [generate(b, long_request(turns)).evaluated_tokens for turns in range(8, 24)]
-        # Mostly only the new turn is evaluated; the occasional trim re-evaluates the window.
-        cheap = [n for n in full if n < 60]
-        assert len(cheap) >= len(full) * 2 // 3, full
-    finally:
-        b.close()
-
-
-def test_a_model_that_cannot_shift_falls_back_to_chunked_trims(demo_model_path, monkeypatch):
-    import llama_cpp
-
-    monkeypatch.setattr(llama_cpp, "llama_memory_can_shift", lambda _memory: False)
-    b = backend(demo_model_path, StateCache(64 * 2**20), n_ctx=256, shift=True)
-    try:
-        assert not b.can_shift and not b.context_shift  # asked for, but the model cannot
+        if why == "model cannot shift":
+            assert not b.can_shift  # asked for, but the model cannot
         stats = [generate(b, long_request(turns)) for turns in range(8, 24)]
         assert stats[-1].turns_used < 23, "the window must have slid"
+        # Mostly only the new turn is evaluated; the occasional trim re-evaluates the window.
         cheap = [s.evaluated_tokens for s in stats if s.evaluated_tokens < 60]
         assert len(cheap) >= len(stats) * 2 // 3, [s.evaluated_tokens for s in stats]
     finally:

@@ -6,8 +6,8 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,20 +43,16 @@ OTHER_GUILD = 222_222_222_222_222_222
 USER = 333_333_333_333_333_333
 
 
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    """An opened, migrated database on a fresh file."""
-    database = await Database.open(db_url)
+@contextmanager
+def _before_each_statement(db: Database, listener: Callable[..., None]) -> Iterator[None]:
+    """Call `listener` before every statement any of the database's engines runs, while inside."""
+    for engine in db.sync_engines:
+        event.listen(engine, "before_cursor_execute", listener)
     try:
-        yield database
+        yield
     finally:
-        await database.close()
-
-
-@pytest.fixture
-def repo(db: Database) -> Repository:
-    """A repository on the fresh database."""
-    return Repository(db)
+        for engine in db.sync_engines:
+            event.remove(engine, "before_cursor_execute", listener)
 
 
 def _db_path(url: str) -> Path:
@@ -477,13 +473,8 @@ async def test_recent_turns_returns_newest_in_order(repo: Repository, db: Databa
     def capture(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
 
-    for engine in db.sync_engines:
-        event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with _before_each_statement(db, capture):
         recent = await repo.recent_turns(a.id, 5)
-    finally:
-        for engine in db.sync_engines:
-            event.remove(engine, "before_cursor_execute", capture)
     assert [t.content for t in recent] == ["a25", "a26", "a27", "a28", "a29"]
     # The turns (a LIMIT over the index, newest first), then the messages of those turns only.
     turns, messages = [q for q in statements if "FROM turns" in q or "FROM turn_messages" in q]
@@ -517,15 +508,10 @@ async def test_hot_paths_run_on_a_database_thread(repo: Repository, db: Database
     def capture(*_args: Any) -> None:
         threads.append(threading.current_thread().name)
 
-    for engine in db.sync_engines:
-        event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with _before_each_statement(db, capture):
         turn = await repo.append_turn(session.id, Role.USER, "hello", message_ids=[1])
         await repo.add_turn_messages(turn.id, [2])
         assert [t.message_ids for t in await repo.recent_turns(session.id, 10)] == [(1, 2)]
-    finally:
-        for engine in db.sync_engines:
-            event.remove(engine, "before_cursor_execute", capture)
     assert threads and all(name.startswith("tavernkeep-db") for name in threads), threads
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 
 from bot.fake_backend import ByteTokenizer
 from bot.prompt import MessageTooLarge, Prompt, PromptTooLarge, Tokenizer, build_prompt, longest_token_chars
 from bot.sessions import MIN_TOKENS_PER_TURN, conversation_for
-from persistence.database import Database
 from persistence.records import ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
 
@@ -18,16 +16,6 @@ PIECES = (
     "hello", " there", "................", "________________", "🧙‍♀️", "שלום", "e\u0301", "<|model|>", "</s>",
     "\u200b", "  ", "\n", "addEventListener", "x" * 40, "ok",
 )
-
-
-@pytest.fixture
-async def repo(db_url: str) -> AsyncIterator[Repository]:
-    """A repository on a fresh SQLite file."""
-    database = await Database.open(db_url)
-    try:
-        yield Repository(database)
-    finally:
-        await database.close()
 
 
 # Pieces that are one token of 16 characters in the Llama-2 vocabulary: text that needs the fewest tokens.
