@@ -15,7 +15,7 @@ from bot.engine import Chunk, Engine, Finished, GenerationRequest, GenerationSta
 from bot.errors import PersonaTooLarge
 from bot.prompt import Conversation, PromptTurn, Tokenizer, count_tokens, longest_token_chars, system_budget
 from bot.stops import clean_reply
-from persistence.records import ChannelSession, Role, Turn, TurnStatus, WindowBudget
+from persistence.records import PROMPT_ROLES, ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def conversation_for(session: ChannelSession, turns: list[Turn], *, continue_las
         if turn.role is Role.USER
         else PromptTurn(role="model", text=turn.content)
         for turn in turns
-        if turn.role in (Role.USER, Role.MODEL) and turn.content
+        if turn.role in PROMPT_ROLES and turn.content
     )
     return Conversation(system=system_prompt(session), turns=prompt_turns, continue_last=continue_last)
 

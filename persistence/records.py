@@ -16,6 +16,11 @@ class Role(StrEnum):
     SYSTEM = "system"
 
 
+# The roles whose turns (when not empty) go into a prompt; system notes never do. The window read's
+# bound and the prompt builder must agree on this.
+PROMPT_ROLES = frozenset({Role.USER, Role.MODEL})
+
+
 class TurnStatus(StrEnum):
     """Whether a turn was stored whole or cut short (crash, shutdown, cancel)."""
 

@@ -31,7 +31,7 @@ from persistence.models import (
     TurnRow,
     utcnow,
 )
-from persistence.records import ChannelSession, Persona, Role, Turn, TurnStatus, WindowBudget
+from persistence.records import PROMPT_ROLES, ChannelSession, Persona, Role, Turn, TurnStatus, WindowBudget
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,6 @@ def messages_from_query() -> Select[Any]:
     )
 
 
-_IN_PROMPT = frozenset({Role.USER.value, Role.MODEL.value})
-
-
 def _within(rows: Iterable[Row[Any]], budget: WindowBudget) -> Iterator[Row[Any]]:
     """Of turn rows read newest first, those that can still fit a prompt window.
 
@@ -159,7 +156,7 @@ def _within(rows: Iterable[Row[Any]], budget: WindowBudget) -> Iterator[Row[Any]
         if used >= room:
             return
         yield row
-        if row.role in _IN_PROMPT and row.content:  # turns the prompt leaves out cost nothing
+        if row.role in PROMPT_ROLES and row.content:  # turns the prompt leaves out cost nothing
             used += per_turn + len(row.content)
 
 
