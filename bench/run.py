@@ -4,7 +4,7 @@
 
 1. turn cost: a scripted conversation that slides the window, KV reuse vs full re-evaluation
 2. interleaved channels over 2 and 1 workers, windows full as in 1., reuse vs none
-3. engine overhead: tokens/s through the engine vs llama-cpp-python directly, same context settings
+3. engine overhead: tokens/s through the engine vs llama-cpp-python directly, same context and thread
 4. event loop lag while the workers generate (switching channels), vs the same work on the loop
 5. database: append-turn latency and prompt-window load for a channel of 100,000 turns
 6. memory: resident memory with 1, 2 and 4 workers; what each worker adds; saved channel states
@@ -12,7 +12,8 @@
 
 Paired figures alternate their two sides (ABBA), so a busy machine slows both alike, and keep
 the best of several runs where the work is identical; benchmark 3 takes each side's rate over all
-its runs instead, as this host's speed swings both ways between runs.
+its runs instead, as this host's speed swings both ways between runs. Each benchmark runs on a
+thread of its own (see `in_own_thread`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -361,42 +363,41 @@ class _Replay:
 
 
 def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    """Generation tokens/s through Engine.generate vs Llama.generate on an identical context.
+    """Generation tokens/s through Engine.generate vs Llama.generate, on the same context and thread.
 
-    Both contexts come from `llama_params` with the same settings (threads included), both get
-    the same prompt tokens, sampling settings and seed, and the direct loop generates exactly as
-    many tokens as the engine did. The two alternate (ABBA); each side's rate is over all its runs.
+    The direct loop runs on the engine's worker thread over the worker's own context: with the same
+    prompt tokens, sampling settings and seed, it generates exactly as many tokens as the engine
+    did. A second thread running llama.cpp would start a second OpenMP team, and libgomp then cuts
+    every team's spin-waits short (it manages more threads than there are cores): both sides would
+    run a third slower, and the engine's event-loop wake-ups would cost more than they do in the
+    bot, whose workers are the only threads that run the model. The two alternate (ABBA); each
+    side's rate is over all its runs.
     """
-    import llama_cpp
-
     settings = model_settings(args.model, args.n_ctx, args.threads)
     conv = Conversation(PERSONA, (PromptTurn("user", LONG_REPLY, "Alice"),))
     request = GenerationRequest("o", conv, args.gen_tokens, SAMPLED)
-    held: list[LlamaBackend] = []
-
-    def factory() -> LlamaBackend:
-        held.append(LlamaBackend(args.model, settings))
-        return held[-1]
 
     async def run() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        engine = Engine(factory)
+        engine = Engine(lambda: LlamaBackend(args.model, settings))
         await engine.start()
-        backend = held[0]
-        llm = llama_cpp.Llama(**llama_params(args.model, settings))
-        prompt = build_prompt(llm, conv, n_ctx=args.n_ctx, max_new_tokens=args.gen_tokens).tokens
+        prompt = await engine.with_tokenizer(
+            lambda tokenizer: build_prompt(tokenizer, conv, n_ctx=args.n_ctx, max_new_tokens=args.gen_tokens).tokens
+        )
 
         async def through_engine() -> tuple[float, int, list[int]]:
-            await loop.run_in_executor(None, backend.llm.reset)
+            await engine.on_worker(lambda backend: backend.llm.reset())
             stats = None
             async for chunk in engine.generate(request):
                 if isinstance(chunk, Finished):
                     stats = chunk.stats
             assert stats is not None
-            generated = backend.llm.input_ids[len(prompt) : backend.llm.n_tokens].tolist()
+            generated = await engine.on_worker(
+                lambda backend: backend.llm.input_ids[len(prompt) : backend.llm.n_tokens].tolist()
+            )
             return stats.tokens_per_second, stats.generated_tokens, generated
 
-        def direct(count: int) -> float:
+        def direct(backend: LlamaBackend, count: int) -> float:
+            llm = backend.llm
             llm.reset()
             llm.set_seed(SAMPLED.seed or 0)
             n, first = 0, 0.0
@@ -417,7 +418,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
             # One unmeasured run of each side first: the first generation after loading runs at a
             # different speed here (caches and the CPU's clock after idling).
             await through_engine()
-            await loop.run_in_executor(None, direct, args.gen_tokens)
+            await engine.on_worker(lambda backend: direct(backend, args.gen_tokens))
             for rep in range(args.overhead_reps):
                 for side in (("engine", "direct") if rep % 2 == 0 else ("direct", "engine")):
                     if side == "engine":
@@ -425,12 +426,10 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                         engine_rates.append(rate)
                         counts.append(count)
                     else:
-                        # On a worker thread too, so the loop thread is idle in both cases.
-                        direct_rates.append(await loop.run_in_executor(None, direct, counts[-1] if counts else
-                                                                       args.gen_tokens))
+                        count = counts[-1] if counts else args.gen_tokens
+                        direct_rates.append(await engine.on_worker(lambda backend, n=count: direct(backend, n)))
         finally:
             await engine.close()
-            llm.close()
         return {"engine_all": engine_rates, "direct_all": direct_rates, "generated": counts,
                 "replay": replay_tokens}
 
@@ -886,7 +885,7 @@ def report(results: dict[str, Any]) -> str:
             row("3. engine's own work per token (replayed tokens): worker thread / through the loop",
                 f"{o['worker_us_per_token']:.0f} / {o['engine_us_per_token']:.0f} us",
                 f"{1e6 / o['direct_tokens_per_s']:.0f} us per token generated", "", "report", None)
-        notes.append(f"3.: both contexts from llama_params() with the same settings, same prompt, sampling and seed; "
+        notes.append(f"3.: both sides on the engine's worker thread and context, same prompt, sampling and seed; "
                      f"the direct loop generates as many tokens as the engine did ({o['generated_tokens'][0]}); "
                      f"ABBA order; tokens/s over all runs of a side; median of paired ratios "
                      f"{o['paired_ratio_median']:.2f}, best run / best run {o.get('best_ratio', float('nan')):.2f}.")
@@ -959,6 +958,17 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)])
 
 
+def in_own_thread(step: Callable[[], Any]) -> Any:
+    """Run one benchmark on a thread that ends with it.
+
+    A thread that ran the model keeps its OpenMP team (idle threads) until it exits. Once two teams
+    are alive libgomp manages more threads than there are cores and cuts every team's spin-waits
+    short: generation ran a third slower here. A benchmark's thread ending frees its team.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench") as pool:
+        return pool.submit(step).result()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="GGUF file (default: the demo model)")
@@ -1017,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         if number in only:
             begin = time.perf_counter()
             load = os.getloadavg()[0]
-            results[name] = step()
+            results[name] = in_own_thread(step)
             results.setdefault("step_seconds", {})[name] = round(time.perf_counter() - begin, 1)
             results.setdefault("load_before", {})[name] = load
             print(f"benchmark {number} ({name}) took {time.perf_counter() - begin:.0f} s "

@@ -374,6 +374,13 @@ class Engine:
         tokenizer = self._workers[0].backend.tokenizer
         return await asyncio.get_running_loop().run_in_executor(None, fn, tokenizer)
 
+    async def on_worker(self, fn: Callable[[Backend], T], index: int = 0) -> T:
+        """Run `fn(backend)` on worker `index`'s own thread, after the work already queued there."""
+        if self._closed or not self._workers:
+            raise EngineClosed()
+        worker = self._workers[index]
+        return await asyncio.get_running_loop().run_in_executor(worker.executor, fn, worker.backend)
+
     async def tokenize_count(self, text: str) -> int:
         """Count the tokens of user-supplied text as the prompt builder counts them."""
         return await self.with_tokenizer(lambda tokenizer: count_tokens(tokenizer, text))

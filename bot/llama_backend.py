@@ -27,11 +27,16 @@ _BYTE_POINTER = ctypes.POINTER(ctypes.c_uint8)
 N_BATCH = 256
 
 
+def threads_per_worker(settings: ModelSettings) -> int:
+    """CPU threads each worker's context computes with: the setting, else the cores shared out."""
+    return settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+
+
 def llama_params(model_path: str, settings: ModelSettings, *, n_batch: int = N_BATCH) -> dict[str, Any]:
     """Keyword arguments of the `llama_cpp.Llama` each worker runs (also for side-by-side baselines)."""
     import llama_cpp
 
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    threads = threads_per_worker(settings)
     kv_type = getattr(llama_cpp, KV_TYPES[settings.kv_type])
     return {
         "model_path": model_path,
@@ -202,6 +207,13 @@ def state_cache(settings: CacheSettings) -> StateCache:
 def llama_engine(settings: Settings, model_path: str, cache: StateCache | None = None) -> Engine:
     """An unstarted Engine whose workers each own a LlamaBackend over `model_path`."""
     shared = cache if cache is not None else state_cache(settings.cache)
+    workers, threads, cores = settings.model.workers, threads_per_worker(settings.model), os.cpu_count() or 1
+    if workers * threads > cores:
+        # Each worker's threads wait for each other at every step of a token; with more threads
+        # than cores they wait for the scheduler too (and libgomp stops spin-waiting for them).
+        log.warning("model.workers x model.threads = %d x %d = %d threads on %d cores: replies will be slower "
+                    "than with at most one thread per core (model.threads = 0 shares the cores out)",
+                    workers, threads, workers * threads, cores)
     return Engine(
         lambda: LlamaBackend(model_path, settings.model, cache=shared, cache_settings=settings.cache),
         workers=settings.model.workers,

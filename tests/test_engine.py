@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 import time
 
 import pytest
 
+from bot.config import ModelSettings, Settings
 from bot.engine import Engine, Finished, GenerationRequest, Queued, Started, Text
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull
 from bot.fake_backend import FakeBackend, fake_engine
+from bot.llama_backend import llama_engine
 from bot.prompt import Conversation, PromptTooLarge, PromptTurn
 
 
@@ -210,6 +214,28 @@ async def test_prompt_errors_pass_through_unchanged():
     await engine.close()
 
 
+async def test_on_worker_runs_after_the_workers_generation_on_its_thread():
+    backend = FakeBackend("abcdefghij", token_delay=0.01)
+    order: list[str] = []
+    backend.is_end = lambda token: order.append("end") is None and token == 2  # type: ignore[method-assign]
+    engine = await started(fake_engine(backend, workers=2))
+    running = asyncio.ensure_future(collect(engine.generate(request("A"))))
+    await asyncio.sleep(0.03)  # worker 0 is generating
+
+    def probe(seen: FakeBackend) -> str:
+        order.append("probe")
+        assert seen is backend
+        return threading.current_thread().name
+
+    assert (await engine.on_worker(probe)).startswith("tavernkeep-worker-0")
+    assert order[-2:] == ["end", "probe"]  # the whole generation ran before the probe
+    assert (await running)[0] == "abcdefghij"
+    assert (await engine.on_worker(probe, 1)).startswith("tavernkeep-worker-1")
+    await engine.close()
+    with pytest.raises(EngineClosed):
+        await engine.on_worker(probe)
+
+
 async def test_close_cancels_waiting_and_refuses_new_work():
     backend = FakeBackend("done", token_delay=0.01)
     engine = await started(fake_engine(backend))
@@ -232,3 +258,13 @@ async def test_close_grace_expiry_cancels_running():
     await engine.close(grace=0.1)
     assert time.monotonic() - t0 < 1.0
     assert (await collect(running))[2].stats.stop_reason == "cancelled"
+
+
+def test_more_threads_than_cores_is_warned_about(caplog, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with caplog.at_level(logging.WARNING, logger="bot.llama_backend"):
+        llama_engine(Settings(model=ModelSettings(workers=2, threads=2)), "model.gguf")
+        llama_engine(Settings(model=ModelSettings(workers=2)), "model.gguf")  # threads 0: 2 each
+        assert not caplog.records
+        llama_engine(Settings(model=ModelSettings(workers=2, threads=3)), "model.gguf")
+    assert "2 x 3 = 6 threads on 4 cores" in caplog.text
