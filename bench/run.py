@@ -369,9 +369,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     prompt tokens, sampling settings and seed, it generates exactly as many tokens as the engine
     did. A second thread running llama.cpp would start a second OpenMP team, and libgomp then cuts
     every team's spin-waits short (it manages more threads than there are cores): both sides would
-    run a third slower, and the engine's event-loop wake-ups would cost more than they do in the
-    bot, whose workers are the only threads that run the model. The two alternate (ABBA); each
-    side's rate is over all its runs.
+    run a third slower, in a state the bot never is in (only its workers run the model). The two
+    alternate (ABBA); each side's rate is over all its runs.
     """
     settings = model_settings(args.model, args.n_ctx, args.threads)
     conv = Conversation(PERSONA, (PromptTurn("user", LONG_REPLY, "Alice"),))
