@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from bot.config import ModelSettings, Settings
 from bot.engine import Finished, GenerationRequest, Sampling, Started, Text
 from bot.llama_backend import llama_engine
-from bot.prompt import Conversation, PromptTurn
+from bot.prompt import Conversation, PromptTurn, build_prompt
 
 pytestmark = pytest.mark.model
 
@@ -55,6 +56,27 @@ async def test_real_model_streams_a_reply(demo_model_path):
     finally:
         await engine.close()
     assert engine.workers == 1
+
+
+async def test_on_worker_sees_the_context_the_reply_was_generated_in(demo_model_path):
+    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    await engine.start()
+    try:
+        req = request("c1", "Hello! Who are you?")
+        _, finished, _ = await run(engine.generate(req))
+
+        def inspect(backend) -> tuple[str, list[int], list[int]]:
+            prompt = build_prompt(backend.tokenizer, req.conversation, n_ctx=backend.n_ctx,
+                                  max_new_tokens=req.max_new_tokens).tokens
+            return threading.current_thread().name, prompt, backend.live_tokens()
+
+        name, prompt, live = await engine.on_worker(inspect)
+        assert name.startswith("tavernkeep-worker-0")
+        assert len(prompt) == finished.stats.prompt_tokens
+        # The worker's KV cache holds the prompt, then the reply it generated.
+        assert live[: len(prompt)] == prompt and len(live) > len(prompt)
+    finally:
+        await engine.close()
 
 
 async def test_real_model_same_seed_same_reply(demo_model_path):
