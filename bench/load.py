@@ -71,18 +71,18 @@ import discord
 import simcord
 
 from bot.config import Settings
-from bot.discord_bot import TavernBot, create_bot
-from bot.discord_keys import channel_key
-from bot.discord_reply import EMPTY_NOTICE, split_message
-from bot.engine import Chunk, Engine, Finished, Generation, GenerationRequest, Started, Text
-from bot.fake_backend import FakeBackend, fake_engine
-from bot.kv_cache import StateCache
-from bot.llama_backend import llama_engine, state_cache
-from bot.prompt import MODEL, USER, Conversation
-from bot.sessions import ChatService, ReplyStream
-from bot.stops import clean_reply
+from bot.core.sessions import ChatService, ReplyStream
+from bot.discord_front.client import TavernBot, create_bot
+from bot.discord_front.keys import channel_key
+from bot.discord_front.replies import EMPTY_NOTICE, split_message
+from bot.inference.engine import Chunk, Engine, Finished, Generation, GenerationRequest, Started, Text
+from bot.inference.local.llama import llama_engine, state_cache
+from bot.inference.local.state_cache import StateCache
+from bot.prompt.builder import MODEL, USER, Conversation
+from bot.prompt.stops import clean_reply
 from persistence.database import Database
 from persistence.records import ChannelSession, Role, Turn, TurnStatus
+from tests.fake_backend import FakeBackend, fake_engine
 
 EngineKind = Literal["fake", "model"]
 JoinKind = Literal["poll", "settle"]
@@ -877,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = ""
     if args.engine == "model":
-        from bot.demo_model import ensure_demo_model
+        from bot.inference.local.demo_model import ensure_demo_model
 
         model_path = args.model or str(ensure_demo_model(report=lambda msg: print(msg, file=sys.stderr)))
     config = LoadConfig(

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import CacheSettings, ModelSettings, Settings
-from bot.engine import (
+from bot.inference.engine import (
     Engine,
     Finished,
     GenerationRequest,
@@ -48,9 +48,9 @@ from bot.engine import (
     Text,
     run_generation,
 )
-from bot.kv_cache import StateCache
-from bot.llama_backend import N_BATCH, LlamaBackend, llama_params
-from bot.prompt import Conversation, PromptTurn, build_prompt, longest_token_chars
+from bot.inference.local.llama import N_BATCH, LlamaBackend, llama_params
+from bot.inference.local.state_cache import StateCache
+from bot.prompt.builder import Conversation, PromptTurn, build_prompt, longest_token_chars
 from persistence.records import WindowBudget
 
 PERSONA = (
@@ -691,7 +691,7 @@ def bench_database(args: argparse.Namespace) -> dict[str, Any]:
     """
     import llama_cpp
 
-    from bot.sessions import MIN_TOKENS_PER_TURN
+    from bot.core.sessions import MIN_TOKENS_PER_TURN
 
     vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
     try:
@@ -981,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-batch", type=int, default=N_BATCH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.model:
-        from bot.demo_model import ensure_demo_model
+        from bot.inference.local.demo_model import ensure_demo_model
 
         args.model = str(ensure_demo_model(report=lambda msg: print(msg, file=sys.stderr)))
     if args.memory_probe:

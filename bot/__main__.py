@@ -16,14 +16,14 @@ from pathlib import Path
 import aiohttp
 import discord
 
-from bot.chat import run_chat
 from bot.config import ConfigError, Settings, check_model_file, discord_token, load_settings
-from bot.demo_model import DemoModelError, resolve_model_path
-from bot.discord_bot import TavernBot, create_bot
-from bot.engine import Engine, ModelLoadError
+from bot.core.sessions import ChatService
+from bot.discord_front.client import TavernBot, create_bot
 from bot.errors import TavernError
-from bot.llama_backend import llama_engine
-from bot.sessions import ChatService
+from bot.inference.engine import Engine, ModelLoadError
+from bot.inference.local.demo_model import DemoModelError, resolve_model_path
+from bot.inference.local.llama import llama_engine
+from bot.terminal import run_chat
 from persistence.backup import BackupError, backup_database
 from persistence.database import Database
 from persistence.repository import Repository

@@ -11,14 +11,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import personas
-from bot.discord_errors import TavernModal
-from bot.discord_keys import interaction_channel_key
-from bot.permissions import admin_only, require_admin, require_guild
+from bot.core import personas
+from bot.discord_front.errors import TavernModal
+from bot.discord_front.keys import interaction_channel_key
+from bot.discord_front.permissions import admin_only, require_admin, require_guild
 from persistence.records import Persona
 
 if TYPE_CHECKING:
-    from bot.discord_bot import TavernBot
+    from bot.discord_front.client import TavernBot
 
 MODAL_TIMEOUT = 900.0  # a long persona takes a while to write
 TITLE_MAX = 45  # Discord's limit for modal titles

@@ -20,13 +20,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_errors import TavernView
+from bot.discord_front.errors import TavernView
+from bot.discord_front.permissions import require_guild
 from bot.errors import TavernError
-from bot.permissions import require_guild
 from persistence.records import Turn
 
 if TYPE_CHECKING:
-    from bot.discord_bot import TavernBot
+    from bot.discord_front.client import TavernBot
 
 log = logging.getLogger(__name__)
 

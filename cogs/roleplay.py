@@ -3,9 +3,9 @@ and deletions, and ask for replies.
 
 A message is stored as a turn before any reply is generated. Messages that arrive while a reply is
 being written are stored at once and answered together by the next reply, which reads them after the
-reply they interrupted (see `bot.discord_reply`). A replayed gateway event (same message id) is
+reply they interrupted (see `bot.discord_front.replies`). A replayed gateway event (same message id) is
 ignored. Messages sent while the bot was away are read back from the channel on READY (see
-`bot.recovery`).
+`bot.discord_front.recovery`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import re
 import discord
 from discord.ext import commands
 
-from bot.discord_bot import TavernBot
-from bot.discord_keys import channel_key
-from bot.discord_reply import SAVE_FAILED_NOTICE, ReplyChannel, context_of
-from bot.sessions import Speaker
+from bot.core.sessions import Speaker
+from bot.discord_front.client import TavernBot
+from bot.discord_front.keys import channel_key
+from bot.discord_front.replies import SAVE_FAILED_NOTICE, ReplyChannel, context_of
 from persistence.errors import DuplicateMessage
 from persistence.records import ChannelSession, Role
 

@@ -13,12 +13,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import channel_settings, personas
-from bot.discord_errors import TavernView
-from bot.discord_keys import channel_key, interaction_channel_key
-from bot.discord_reply import ReplyChannel
-from bot.errors import NoSession, TavernError
-from bot.permissions import (
+from bot.core import channel_settings, personas
+from bot.discord_front.errors import TavernView
+from bot.discord_front.keys import channel_key, interaction_channel_key
+from bot.discord_front.permissions import (
     WrongGuild,
     check_admin,
     interaction_member,
@@ -26,12 +24,14 @@ from bot.permissions import (
     require_guild,
     require_same_guild,
 )
+from bot.discord_front.replies import ReplyChannel
+from bot.errors import NoSession, TavernError
 from cogs.personas import persona_autocomplete
 from cogs.privacy import send_export
 from persistence.records import ChannelSession, Turn
 
 if TYPE_CHECKING:
-    from bot.discord_bot import TavernBot
+    from bot.discord_front.client import TavernBot
 
 log = logging.getLogger(__name__)
 

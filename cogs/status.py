@@ -8,10 +8,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_keys import interaction_channel_key
+from bot.discord_front.keys import interaction_channel_key
 
 if TYPE_CHECKING:
-    from bot.discord_bot import TavernBot
+    from bot.discord_front.client import TavernBot
 
 
 def format_duration(seconds: float) -> str:

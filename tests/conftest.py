@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.demo_model import ensure_demo_model
+from bot.inference.local.demo_model import ensure_demo_model
 from persistence import Database, Repository
 from tests.model_files import ensure_spm_vocab
 

@@ -26,10 +26,10 @@ import discord
 import simcord
 
 import bot.__main__ as entry
-from bot.discord_bot import TavernBot
-from bot.discord_keys import channel_key
-from bot.fake_backend import FakeBackend, fake_engine
+from bot.discord_front.client import TavernBot
+from bot.discord_front.keys import channel_key
 from tests.discord_fixtures import close_signal
+from tests.fake_backend import FakeBackend, fake_engine
 
 STORY = (
     "The old road winds north past the mill, where the river bends twice before the bridge. "

@@ -20,12 +20,12 @@ import discord
 import simcord
 
 from bot.config import Settings
-from bot.discord_bot import TavernBot, create_bot
-from bot.discord_keys import channel_key
-from bot.engine import Engine
-from bot.fake_backend import FakeBackend, fake_engine
+from bot.discord_front.client import TavernBot, create_bot
+from bot.discord_front.keys import channel_key
+from bot.inference.engine import Engine
 from persistence.database import Database
 from persistence.records import ChannelSession, Turn
+from tests.fake_backend import FakeBackend, fake_engine
 
 __all__ = [
     "BotEnv",

@@ -8,7 +8,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from bot.demo_model import cache_dir, sha256_of
+from bot.inference.local.demo_model import cache_dir, sha256_of
 
 LLAMA_SDIST = "llama-cpp-python==0.3.36"
 SPM_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"

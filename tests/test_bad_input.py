@@ -18,14 +18,14 @@ import simcord
 from simcord.backend.models.message import MessageSticker
 
 from bot.config import Settings
-from bot.discord_keys import channel_key
+from bot.core.personas import InvalidPersona
+from bot.core.sessions import conversation_for
+from bot.discord_front.keys import channel_key
 from bot.errors import PersonaTooLarge
-from bot.fake_backend import ByteTokenizer, FakeBackend
-from bot.personas import InvalidPersona
-from bot.prompt import MODEL, ROLE_MARKERS, SYSTEM, USER, Conversation, build_prompt, find_marker
-from bot.sessions import conversation_for
+from bot.prompt.builder import MODEL, ROLE_MARKERS, SYSTEM, USER, Conversation, build_prompt, find_marker
 from persistence.records import Role
 from tests.discord_fixtures import bot_env, replay, start_session, stored_turns, tavern_guild
+from tests.fake_backend import ByteTokenizer, FakeBackend
 
 QUIET = {"discord": {"cooldown_messages": 0}}  # these tests talk fast; the limit has its own tests
 BIG = 1 << 16

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bot import channel_settings
-from bot.channel_settings import FIELDS, InvalidSetting, apply, describe, effective
+from bot.core import channel_settings
 from bot.config import SamplingSettings, Settings
+from bot.core.channel_settings import FIELDS, InvalidSetting, apply, describe, effective
 
 LIMIT = 256
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat import channel_key, run_chat
 from bot.config import Settings
-from bot.fake_backend import FakeBackend, fake_engine
-from bot.sessions import ChatService
+from bot.core.sessions import ChatService
+from bot.terminal import channel_key, run_chat
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
 from persistence.repository import Repository
+from tests.fake_backend import FakeBackend, fake_engine
 
 
 async def chat_once(db_url: str, backend: FakeBackend, lines: str, *, persona: str | None = "A bard.",

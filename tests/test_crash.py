@@ -27,13 +27,13 @@ import pytest
 import simcord
 
 from bot.config import Settings
-from bot.discord_bot import create_bot
-from bot.fake_backend import FakeBackend, fake_engine
-from bot.recovery import CRASH_NOTICE
+from bot.discord_front.client import create_bot
+from bot.discord_front.recovery import CRASH_NOTICE
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
 from tests.crash_child import SAID, STORY, build_world, placeholder_bot
 from tests.discord_fixtures import bot_env, start_session, stored_turns, tavern_guild
+from tests.fake_backend import FakeBackend, fake_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 FRESH_REPLY = "Ah, the north road. Mind the bridge, it sways."

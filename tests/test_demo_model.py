@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.demo_model import DEMO_NAME, DEMO_SHA256, ensure_demo_model, sha256_of
+from bot.inference.local.demo_model import DEMO_NAME, DEMO_SHA256, ensure_demo_model, sha256_of
 
 
 @pytest.mark.model

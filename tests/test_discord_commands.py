@@ -14,13 +14,13 @@ import simcord
 from discord.ext import commands
 
 import cogs
-from bot.discord_bot import INITIAL_EXTENSIONS
-from bot.discord_errors import GENERIC_MESSAGE
-from bot.discord_keys import channel_key
-from bot.engine import Text
+from bot.core.personas import PersonaNameTaken
+from bot.discord_front.client import INITIAL_EXTENSIONS
+from bot.discord_front.errors import GENERIC_MESSAGE
+from bot.discord_front.keys import channel_key
+from bot.discord_front.permissions import GUILD_ONLY_MESSAGE, NotAllowed, WrongGuild, require_same_guild
 from bot.errors import PersonaTooLarge
-from bot.permissions import GUILD_ONLY_MESSAGE, NotAllowed, WrongGuild, require_same_guild
-from bot.personas import PersonaNameTaken
+from bot.inference.engine import Text
 from cogs.sessions import RESET_TIMEOUT
 from persistence.models import ChannelSessionRow
 from tests.discord_fixtures import bot_env, tavern_guild
@@ -415,10 +415,10 @@ async def test_unexpected_error_is_logged_with_context_and_the_user_gets_an_apol
             raise RuntimeError("database on fire")
 
         monkeypatch.setattr(t.bot.repo, "list_personas", broken)
-        with caplog.at_level(logging.ERROR, logger="bot.discord_errors"):
+        with caplog.at_level(logging.ERROR, logger="bot.discord_front.errors"):
             result = await t.player.slash(t.channel, "persona list")
         assert result.ephemeral and result.response.content == GENERIC_MESSAGE
-        [record] = [r for r in caplog.records if r.name == "bot.discord_errors"]
+        [record] = [r for r in caplog.records if r.name == "bot.discord_front.errors"]
         assert "/persona list" in record.getMessage()
         for figure in (t.player.id, t.guild.id, t.channel.id):
             assert str(figure) in record.getMessage()
@@ -436,10 +436,10 @@ async def test_unexpected_error_in_a_button_is_logged_too(db_url, caplog, monkey
             raise RuntimeError("disk full")
 
         monkeypatch.setattr(t.bot.repo, "archive_session", broken)
-        with caplog.at_level(logging.ERROR, logger="bot.discord_errors"):
+        with caplog.at_level(logging.ERROR, logger="bot.discord_front.errors"):
             clicked = await t.admin.click(asked.response, label="Reset")
         assert clicked.ephemeral and clicked.response.content == GENERIC_MESSAGE
-        [record] = [r for r in caplog.records if r.name == "bot.discord_errors"]
+        [record] = [r for r in caplog.records if r.name == "bot.discord_front.errors"]
         assert "ConfirmReset Button 'Reset'" in record.getMessage()
         simcord.assert_error(t.env, RuntimeError)
 
@@ -450,11 +450,11 @@ async def test_unexpected_error_in_a_check_is_reported_not_lost(db_url, caplog, 
         async def broken(interaction):
             raise ConnectionError("member lookup failed")
 
-        monkeypatch.setattr("bot.permissions.require_admin", broken)
-        with caplog.at_level(logging.ERROR, logger="bot.discord_errors"):
+        monkeypatch.setattr("bot.discord_front.permissions.require_admin", broken)
+        with caplog.at_level(logging.ERROR, logger="bot.discord_front.errors"):
             result = await t.admin.slash(t.channel, "session stop")
         assert result.ephemeral and result.response.content == GENERIC_MESSAGE
-        [record] = [r for r in caplog.records if r.name == "bot.discord_errors"]
+        [record] = [r for r in caplog.records if r.name == "bot.discord_front.errors"]
         assert "/session stop" in record.getMessage()
         assert isinstance(record.exc_info[1], ConnectionError)
 

@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.config import Settings
-from bot.discord_bot import INITIAL_EXTENSIONS, TavernBot, command_tree_hash, create_bot
-from bot.discord_reply import (
+from bot.discord_front.client import INITIAL_EXTENSIONS, TavernBot, command_tree_hash, create_bot
+from bot.discord_front.replies import (
     CANNOT_TALK,
     CONTINUE_ID,
     EMPTY_NOTICE,
@@ -29,8 +29,7 @@ from bot.discord_reply import (
     split_message,
 )
 from bot.errors import GenerationFailed
-from bot.fake_backend import FakeBackend, fake_engine
-from bot.llama_backend import llama_engine
+from bot.inference.local.llama import llama_engine
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
 from tests.discord_fixtures import (
@@ -42,6 +41,7 @@ from tests.discord_fixtures import (
     stored_turns,
     tavern_guild,
 )
+from tests.fake_backend import FakeBackend, fake_engine
 
 
 class Script:
@@ -464,7 +464,7 @@ async def test_failures_become_short_notices_and_are_logged(db_url: str, caplog:
         with caplog.at_level(logging.ERROR):
             await tavern.bob.send(tavern.channel, "Hello?")
         assert tavern.channel.last_message.content == FAILED_NOTICE
-        [record] = [r for r in caplog.records if r.name == "bot.discord_reply"]
+        [record] = [r for r in caplog.records if r.name == "bot.discord_front.replies"]
         assert f"channel={tavern.channel.id}" in record.getMessage() and f"user={tavern.bob.id}" in record.getMessage()
         assert "disk on fire" in record.exc_text
 

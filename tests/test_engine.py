@@ -11,11 +11,11 @@ import time
 import pytest
 
 from bot.config import ModelSettings, Settings
-from bot.engine import Engine, Finished, GenerationRequest, Queued, Started, Text
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull
-from bot.fake_backend import FakeBackend, fake_engine
-from bot.llama_backend import llama_engine
-from bot.prompt import Conversation, PromptTooLarge, PromptTurn
+from bot.inference.engine import Engine, Finished, GenerationRequest, Queued, Started, Text
+from bot.inference.local.llama import llama_engine
+from bot.prompt.builder import Conversation, PromptTooLarge, PromptTurn
+from tests.fake_backend import FakeBackend, fake_engine
 
 
 def request(key: str, text: str = "hello", *, max_new_tokens: int = 200, timeout: float | None = None):
@@ -262,7 +262,7 @@ async def test_close_grace_expiry_cancels_running():
 
 def test_more_threads_than_cores_is_warned_about(caplog, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    with caplog.at_level(logging.WARNING, logger="bot.llama_backend"):
+    with caplog.at_level(logging.WARNING, logger="bot.inference.local.llama"):
         llama_engine(Settings(model=ModelSettings(workers=2, threads=2)), "model.gguf")
         llama_engine(Settings(model=ModelSettings(workers=2)), "model.gguf")  # threads 0: 2 each
         assert not caplog.records

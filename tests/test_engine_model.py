@@ -10,9 +10,9 @@ import time
 import pytest
 
 from bot.config import ModelSettings, Settings
-from bot.engine import Finished, GenerationRequest, Sampling, Started, Text
-from bot.llama_backend import llama_engine
-from bot.prompt import Conversation, PromptTurn, build_prompt
+from bot.inference.engine import Finished, GenerationRequest, Sampling, Started, Text
+from bot.inference.local.llama import llama_engine
+from bot.prompt.builder import Conversation, PromptTurn, build_prompt
 
 pytestmark = pytest.mark.model
 
@@ -143,7 +143,7 @@ async def test_real_model_cancellation_frees_the_worker(demo_model_path):
 
 
 def test_worker_context_is_built_from_llama_params(demo_model_path):
-    from bot.llama_backend import N_BATCH, LlamaBackend, llama_params
+    from bot.inference.local.llama import N_BATCH, LlamaBackend, llama_params
 
     settings = ModelSettings(path=str(demo_model_path), n_ctx=512, workers=2, threads=0)
     backend = LlamaBackend(str(demo_model_path), settings)

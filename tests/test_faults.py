@@ -24,13 +24,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from bot.config import Settings
-from bot.discord_keys import channel_key
-from bot.discord_reply import DISCORD_TROUBLE_NOTICE, SAVE_FAILED_NOTICE, TIMEOUT_NOTICE
-from bot.engine import Sampling
+from bot.discord_front.keys import channel_key
+from bot.discord_front.replies import DISCORD_TROUBLE_NOTICE, SAVE_FAILED_NOTICE, TIMEOUT_NOTICE
 from bot.errors import GenerationFailed
-from bot.fake_backend import FakeBackend
+from bot.inference.engine import Sampling
 from persistence.records import Role, TurnStatus
 from tests.discord_fixtures import BotEnv, bot_env, replay, start_session, stored_turns, tavern_guild
+from tests.fake_backend import FakeBackend
 
 
 def bot_messages(channel: simcord.ChannelHandle) -> list[discord.Message]:
@@ -162,7 +162,7 @@ async def test_streaming_edits_back_off_while_discord_refuses_them(
         tavern = tavern_guild(t.env)
         await start_session(t, tavern)
         t.env.inject_error("PATCH", f"/channels/{tavern.channel.id}/messages/*", status=429, times=4)
-        with caplog.at_level(logging.INFO, logger="bot.discord_reply"):
+        with caplog.at_level(logging.INFO, logger="bot.discord_front.replies"):
             await tavern.alice.send(tavern.channel, "Is a storm coming?")
         skipped = [r.created for r in caplog.records if r.getMessage().startswith("skipped a streaming edit")]
         assert len(skipped) == 4
@@ -218,7 +218,9 @@ async def test_missing_permissions_pause_that_channel_and_the_others_go_on(
             await tavern.alice.send(tavern.channel, "Can you hear me?")
         session = await t.bot.repo.get_active_session(channel_key(tavern.channel.id))
         assert session is not None and not session.active
-        [warning] = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "bot.discord_reply"]
+        [warning] = [
+            r for r in caplog.records if r.levelno == logging.WARNING and r.name == "bot.discord_front.replies"
+        ]
         assert f"channel {tavern.channel.id} (#roleplay" in warning.getMessage()
         assert "Missing Permissions" in warning.getMessage() and "paused" in warning.getMessage()
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from bot.engine import Engine, Finished, GenerationRequest, Started
-from bot.fake_backend import FakeBackend
-from bot.kv_cache import ALIGN_PROBE, StateCache, common_prefix, find_run, plan_window
-from bot.prompt import Conversation, PromptTurn, build_prompt
+from bot.inference.engine import Engine, Finished, GenerationRequest, Started
+from bot.inference.local.state_cache import ALIGN_PROBE, StateCache, common_prefix, find_run, plan_window
+from bot.prompt.builder import Conversation, PromptTurn, build_prompt
+from tests.fake_backend import FakeBackend
 
 # ------------------------------------------------------------------ StateCache
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from bot.config import CacheSettings, ModelSettings
-from bot.engine import GenerationRequest, Sampling, run_generation
-from bot.kv_cache import StateCache, common_prefix
-from bot.llama_backend import LlamaBackend
-from bot.prompt import Conversation, PromptTurn, build_prompt
+from bot.inference.engine import GenerationRequest, Sampling, run_generation
+from bot.inference.local.llama import LlamaBackend
+from bot.inference.local.state_cache import StateCache, common_prefix
+from bot.prompt.builder import Conversation, PromptTurn, build_prompt
 
 pytestmark = pytest.mark.model
 

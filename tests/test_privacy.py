@@ -14,7 +14,7 @@ import discord
 import pytest
 
 from bot.config import Settings
-from bot.discord_keys import channel_key
+from bot.discord_front.keys import channel_key
 from cogs import privacy
 from cogs.privacy import FORGET_TIMEOUT, NotYourQuestion
 from persistence.records import Role

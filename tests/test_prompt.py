@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.prompt import (
+from bot.prompt.builder import (
     MODEL,
     ROLE_MARKERS,
     SYSTEM,

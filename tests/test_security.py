@@ -16,12 +16,11 @@ from simcord.backend import serializers
 from sqlalchemy import select
 
 from bot.config import Settings
-from bot.discord_keys import channel_key
-from bot.discord_reply import CANNOT_TALK, REGENERATE_ID
+from bot.discord_front.cooldowns import NOTICE_SECONDS, MessageCooldown
+from bot.discord_front.keys import channel_key
+from bot.discord_front.permissions import NotAllowed, WrongGuild, require_same_guild
+from bot.discord_front.replies import CANNOT_TALK, REGENERATE_ID
 from bot.errors import ChannelQueueFull
-from bot.fake_backend import FakeBackend
-from bot.limits import NOTICE_SECONDS, MessageCooldown
-from bot.permissions import NotAllowed, WrongGuild, require_same_guild
 from persistence.models import Base
 from persistence.records import Role
 from tests.discord_fixtures import (
@@ -32,6 +31,7 @@ from tests.discord_fixtures import (
     stored_turns,
     tavern_guild,
 )
+from tests.fake_backend import FakeBackend
 
 NOT_ALLOWED = NotAllowed.user_message
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.prompt import ROLE_MARKERS
-from bot.stops import StopScanner, clean_reply, reply_stops
+from bot.prompt.builder import ROLE_MARKERS
+from bot.prompt.stops import StopScanner, clean_reply, reply_stops
 
 # A small alphabet makes stop strings, and near misses of them, frequent.
 ALPHABET = "ab<|>\nA:"

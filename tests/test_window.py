@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from bot.fake_backend import ByteTokenizer
-from bot.prompt import MessageTooLarge, Prompt, PromptTooLarge, Tokenizer, build_prompt, longest_token_chars
-from bot.sessions import MIN_TOKENS_PER_TURN, conversation_for
+from bot.core.sessions import MIN_TOKENS_PER_TURN, conversation_for
+from bot.prompt.builder import MessageTooLarge, Prompt, PromptTooLarge, Tokenizer, build_prompt, longest_token_chars
 from persistence.records import ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
+from tests.fake_backend import ByteTokenizer
 
 PIECES = (
     "hello", " there", "................", "________________", "🧙‍♀️", "שלום", "e\u0301", "<|model|>", "</s>",

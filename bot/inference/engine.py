@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull, TavernError
-from bot.kv_cache import plan_window
-from bot.prompt import (
+from bot.inference.local.state_cache import plan_window
+from bot.prompt.builder import (
     Conversation,
     MessageTooLarge,
     Prompt,
@@ -30,7 +30,7 @@ from bot.prompt import (
     build_prompt,
     count_tokens,
 )
-from bot.stops import StopScanner, reply_stops
+from bot.prompt.stops import StopScanner, reply_stops
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Backend(Protocol):
 
 @runtime_checkable
 class ReusingBackend(Backend, Protocol):
-    """A backend that keeps KV caches between requests (optional; see `bot.kv_cache`).
+    """A backend that keeps KV caches between requests (optional; see `bot.inference.local.state_cache`).
 
     `cached_tokens(key)` are the tokens of the KV cache `prepare(key, ...)` will start from (held
     live or saved for `key`, else whatever the context holds). `prepare` makes the context hold

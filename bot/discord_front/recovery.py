@@ -4,7 +4,7 @@ Two things can leave a roleplay channel without an answer when the bot starts ag
 
 - A crash mid-reply. A reply reserves its model turn (empty, interrupted) when it starts and maps each
   message it posts to that turn at once (see `ChatService.reply(reserve=True)` and
-  `bot.discord_reply`); the text is only stored when the reply is done. After a crash the turn is
+  `bot.discord_front.replies`); the text is only stored when the reply is done. After a crash the turn is
   still empty: nothing half-written is ever stored as a reply. `scan` finds such turns in
   `setup_hook`, before any event is handled, so a reply this process starts is never mistaken for
   one. On the first `on_ready` the half-written messages are deleted, the empty turn is dropped, and
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import discord
 
 from bot.config import DiscordSettings
-from bot.discord_reply import ChannelReplies, ReplyChannel
-from bot.sessions import ChatService, Speaker
+from bot.core.sessions import ChatService, Speaker
+from bot.discord_front.replies import ChannelReplies, ReplyChannel
 from persistence.errors import DuplicateMessage
 from persistence.records import ChannelSession, Role, Turn, TurnStatus
 

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from bot.engine import Engine, Sampling
+from bot.inference.engine import Engine, Sampling
 
 _OFFSET = 3  # ids 0..2 are UNK, BOS, EOS as in Llama vocabularies
 

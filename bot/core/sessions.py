@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import Settings
-from bot.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
 from bot.errors import PersonaTooLarge
-from bot.prompt import Conversation, PromptTurn, Tokenizer, count_tokens, longest_token_chars, system_budget
-from bot.stops import clean_reply
+from bot.inference.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
+from bot.prompt.builder import Conversation, PromptTurn, Tokenizer, count_tokens, longest_token_chars, system_budget
+from bot.prompt.stops import clean_reply
 from persistence.records import PROMPT_ROLES, ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
 

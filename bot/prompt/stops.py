@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from bot.prompt import ROLE_MARKERS, find_marker, neutralise
+from bot.prompt.builder import ROLE_MARKERS, find_marker, neutralise
 
 __all__ = ["StopScanner", "clean_reply", "reply_stops"]
 

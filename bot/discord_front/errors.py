@@ -12,9 +12,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord_front.permissions import GUILD_ONLY_MESSAGE
 from bot.errors import TavernError
-from bot.permissions import GUILD_ONLY_MESSAGE
-from bot.prompt import MessageTooLarge, PromptTooLarge
+from bot.prompt.builder import MessageTooLarge, PromptTooLarge
 
 log = logging.getLogger(__name__)
 

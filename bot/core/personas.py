@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot.core.sessions import ChatService
 from bot.errors import TavernError
-from bot.sessions import ChatService
 from persistence.errors import PersonaExists
 from persistence.records import ChannelSession, Persona
 from persistence.repository import Repository

@@ -6,10 +6,10 @@ import asyncio
 import logging
 from typing import TextIO
 
-from bot.engine import Engine, Queued, Text
+from bot.core.sessions import ChatService, Speaker
 from bot.errors import TavernError
-from bot.prompt import MessageTooLarge, PromptTooLarge
-from bot.sessions import ChatService, Speaker
+from bot.inference.engine import Engine, Queued, Text
+from bot.prompt.builder import MessageTooLarge, PromptTooLarge
 from persistence.records import ChannelSession, Role
 
 log = logging.getLogger(__name__)

@@ -30,12 +30,12 @@ from typing import Literal, TypeVar
 import aiohttp
 import discord
 
-from bot.discord_errors import TavernView, send_error
-from bot.discord_keys import channel_key
-from bot.engine import Queued, Started, Text
+from bot.core.sessions import ChatService, ReplyStream
+from bot.discord_front.errors import TavernView, send_error
+from bot.discord_front.keys import channel_key
 from bot.errors import EngineClosed, TavernError
-from bot.prompt import MessageTooLarge, PromptTooLarge
-from bot.sessions import ChatService, ReplyStream
+from bot.inference.engine import Queued, Started, Text
+from bot.prompt.builder import MessageTooLarge, PromptTooLarge
 from persistence.records import ChannelSession, Role, Turn
 
 log = logging.getLogger(__name__)
@@ -553,7 +553,7 @@ class ChannelReplies:
         target = self._target(job.channel)
         if stream.into is not None:
             # Each message is mapped to the reserved turn as soon as it is posted: after a crash the
-            # restarted bot can then find the half-written reply and take it down (`bot.recovery`).
+            # restarted bot can then find the half-written reply and take it down (`bot.discord_front.recovery`).
             target.on_post = partial(self._record_part, stream.into.id, job.channel.id)
         try:
             text = await self._pump(job.channel, stream, target)

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from bot.config import CacheSettings, ModelSettings, Settings
-from bot.engine import Engine, Sampling
-from bot.kv_cache import StateCache, common_prefix, os_buffer
+from bot.inference.engine import Engine, Sampling
+from bot.inference.local.state_cache import StateCache, common_prefix, os_buffer
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import discord
 from discord.ext import commands
 
 from bot.config import Settings
-from bot.discord_errors import install_error_handler
-from bot.discord_reply import ChannelReplies, ReplyButtons
-from bot.engine import Engine
-from bot.limits import MessageCooldown
-from bot.recovery import Recovery
-from bot.sessions import ChatService
+from bot.core.sessions import ChatService
+from bot.discord_front.cooldowns import MessageCooldown
+from bot.discord_front.errors import install_error_handler
+from bot.discord_front.recovery import Recovery
+from bot.discord_front.replies import ChannelReplies, ReplyButtons
+from bot.inference.engine import Engine
 from persistence.database import Database
 from persistence.repository import Repository
 

@@ -1,0 +1,1 @@
+"""The roleplay domain without Discord: chat sessions, personas, channel settings."""

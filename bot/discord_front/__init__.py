@@ -1,0 +1,1 @@
+"""The discord.py front end: client, message intake, replies, errors, permissions, cooldowns, recovery."""

@@ -1,0 +1,1 @@
+"""Metharme prompts: template, builder, neutralisation, stop strings. Pure: no I/O, no discord, no persistence."""
