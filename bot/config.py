@@ -1,11 +1,13 @@
 """Typed, validated settings from a TOML file plus environment variables.
 
 Secrets (the Discord token) come only from the environment. Any other key can be overridden by an
-environment variable named ``TAVERNKEEP_<SECTION>_<KEY>`` (e.g. ``TAVERNKEEP_DATABASE_URL``).
+environment variable named ``TAVERNKEEP_<SECTION>_<KEY>`` (e.g. ``TAVERNKEEP_DATABASE_URL``); a
+``TAVERNKEEP_`` variable that names no setting stops the start.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -138,20 +140,31 @@ def check_model_file(path: Path) -> None:
 
 
 def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Collect TAVERNKEEP_<SECTION>_<KEY> variables into a nested dict of raw strings."""
-    sections = {name: set(field.annotation.model_fields) for name, field in Settings.model_fields.items()}  # type: ignore[union-attr]
+    """Collect TAVERNKEEP_<SECTION>_<KEY> variables into a nested dict of raw strings.
+
+    Every variable with the prefix must name a setting: a typo (`TAVERNKEEP_MODEL_NCTX`) would
+    otherwise leave the setting at its default without a word.
+    """
+    known = {
+        f"{ENV_PREFIX}{section}_{key}".upper(): (section, key)
+        for section, field in Settings.model_fields.items()
+        for key in field.annotation.model_fields  # type: ignore[union-attr]
+    }
     out: dict[str, dict[str, Any]] = {}
-    for name, value in env.items():
+    for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        rest = name[len(ENV_PREFIX):].lower()
-        for section, keys in sections.items():
-            key = rest.removeprefix(section + "_")
-            if rest.startswith(section + "_") and key in keys:
-                raw: Any = value
-                if key == "command_guilds":
-                    raw = [part.strip() for part in value.split(",") if part.strip()]
-                out.setdefault(section, {})[key] = raw
+        if name not in known:
+            # Compared without the shared prefix, which would make every name look close.
+            rest = {full[len(ENV_PREFIX):]: full for full in known}
+            close = difflib.get_close_matches(name[len(ENV_PREFIX):].upper(), rest, n=1, cutoff=0.75)
+            hint = f" (did you mean {rest[close[0]]}, {'.'.join(known[rest[close[0]]])}?)" if close else ""
+            raise ConfigError(f"environment ({name}): no such setting{hint}")
+        section, key = known[name]
+        raw: Any = value
+        if key == "command_guilds":
+            raw = [part.strip() for part in value.split(",") if part.strip()]
+        out.setdefault(section, {})[key] = raw
     return out
 
 

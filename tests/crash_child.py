@@ -2,9 +2,9 @@
 
     python -m tests.crash_child DB_FILE GRACE_SECONDS
 
-The real entry point runs (`bot.__main__.main(["run"])`: config, database, engine, signal handlers,
-graceful shutdown); only the model and Discord are stand-ins. The child builds the world of
-`build_world`, starts a session, has Alice say something and prints JSON lines on stdout:
+The real entry point runs (`bot.__main__.main(["run"])` through the composition root `bot.app`: config,
+database, engine, signal handlers, graceful shutdown); only the model and Discord are stand-ins. The
+child builds the world of `build_world`, starts a session, has Alice say something and prints JSON lines on stdout:
 
     {"event": "world", "guild": ..., "channel": ..., "alice": ...}   snowflakes of the world
     {"event": "generating", "said": ID, "reply": ID}   the reply's first message is up and mapped to its turn
@@ -26,6 +26,7 @@ import discord
 import simcord
 
 import bot.__main__ as entry
+from bot import app
 from bot.discord_front.client import TavernBot
 from bot.discord_front.keys import channel_key
 from tests.discord_fixtures import close_signal
@@ -101,9 +102,9 @@ def main(argv: list[str]) -> int:
     os.environ["DISCORD_TOKEN"] = "not-a-real-token"
     os.environ["TAVERNKEEP_DATABASE_URL"] = f"sqlite+aiosqlite:///{db_file}"
     backend = FakeBackend(STORY, token_delay=TOKEN_DELAY)
-    entry.model_path_for = lambda _settings: "model.gguf"
-    entry.llama_engine = lambda _settings, _path: fake_engine(backend)
-    entry.serve = functools.partial(entry.serve, grace=grace)
+    app.model_path_for = lambda _settings: "model.gguf"
+    app.llama_engine = lambda _settings, _path: fake_engine(backend)
+    app.serve = functools.partial(app.serve, grace=grace)
     TavernBot.start = start_in_simcord  # type: ignore[method-assign]
     return entry.main(["run"])
 

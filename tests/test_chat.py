@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Settings
-from bot.core.sessions import ChatService
+from bot import app
+from bot.config import DatabaseSettings, Settings
 from bot.terminal import channel_key, run_chat
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
@@ -20,17 +20,11 @@ from tests.fake_backend import FakeBackend, fake_engine
 
 async def chat_once(db_url: str, backend: FakeBackend, lines: str, *, persona: str | None = "A bard.",
                     session: str = "s1") -> str:
-    database = await Database.open(db_url)
-    engine = fake_engine(backend)
-    await engine.start()
     out = io.StringIO()
-    try:
-        service = ChatService(Repository(database), engine, Settings())
-        await run_chat(service, engine, session_name=session, persona=persona, user_name="Alice",
+    settings = Settings(database=DatabaseSettings(url=db_url))
+    async with app.services(settings, fake_engine(backend)) as service:
+        await run_chat(service, service.engine, session_name=session, persona=persona, user_name="Alice",
                        stdin=io.StringIO(lines), stdout=out)
-    finally:
-        await engine.close()
-        await database.close()
     return out.getvalue()
 
 
@@ -130,3 +124,43 @@ def test_cli_persona_too_large_exits_with_one_line(tmp_path, demo_model_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("tavernkeep: That persona is")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "configured", "expected"),
+    [("chat", "INFO", "WARNING"), ("chat", "WARNING", "WARNING"), ("chat", "ERROR", "ERROR"),
+     ("chat", "DEBUG", "DEBUG"), ("run", "INFO", "INFO"), ("backup", "INFO", "INFO")],
+)
+def test_the_chat_logs_warnings_only_unless_asked_for_debug(command, configured, expected):
+    from bot.__main__ import log_level
+
+    assert log_level(command, configured) == expected
+
+
+def test_cli_chat_start_up_prints_no_info_lines(tmp_path):
+    """Migrations run (their INFO lines used to print into the chat), then the model fails to load:
+    the only line on stderr is the error."""
+    model = tmp_path / "broken.gguf"
+    model.write_bytes(b"GGUF\x03\x00\x00\x00 not a model")
+    config = tmp_path / "config.toml"
+    config.write_text(f"[model]\npath = '{model}'\n[database]\nurl = 'sqlite+aiosqlite:///{tmp_path / 'c.db'}'\n"
+                      "[logging]\nlevel = 'INFO'\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "bot", "--config", str(config), "chat"], input="hi\n",
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (tmp_path / "c.db").is_file(), "the database was migrated before the model was loaded"
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("tavernkeep: model.path: cannot load the model")
+
+
+@pytest.mark.model
+def test_cli_chat_through_a_pipe_prints_only_the_chat(tmp_path, demo_model_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f"[model]\npath = '{demo_model_path}'\nn_ctx = 512\nmax_new_tokens = 8\nseed = 3\n"
+                      f"[database]\nurl = 'sqlite+aiosqlite:///{tmp_path / 'c.db'}'\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "bot", "--config", str(config), "chat", "--name", "Alice"],
+                          input="Hello!\n", capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "INFO" not in proc.stdout and "alembic" not in proc.stdout
+    assert proc.stdout.startswith("New session 'default'.\n")

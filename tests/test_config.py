@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bot.config import ConfigError, discord_token, load_settings
+from bot.config import ConfigError, Settings, discord_token, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,35 @@ def test_environment_overrides_file_and_is_named_in_errors(tmp_path):
         load_settings(path, env={"TAVERNKEEP_MODEL_N_CTX": "lots"})
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("TAVERNKEEP_MODEL_NCTX", "environment (TAVERNKEEP_MODEL_NCTX): no such setting "
+                                  "(did you mean TAVERNKEEP_MODEL_N_CTX, model.n_ctx?)"),
+        ("TAVERNKEEP_DATABSE_URL", "environment (TAVERNKEEP_DATABSE_URL): no such setting "
+                                   "(did you mean TAVERNKEEP_DATABASE_URL, database.url?)"),
+        ("TAVERNKEEP_MODEL", "environment (TAVERNKEEP_MODEL): no such setting"),
+        ("TAVERNKEEP_TOKEN", "environment (TAVERNKEEP_TOKEN): no such setting"),
+        ("TAVERNKEEP_model_n_ctx", "environment (TAVERNKEEP_model_n_ctx): no such setting "
+                                   "(did you mean TAVERNKEEP_MODEL_N_CTX, model.n_ctx?)"),
+    ],
+)
+def test_an_environment_variable_that_names_no_setting_stops_the_start(tmp_path, name, expected):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={name: "512", "TAVERNKEEP_MODEL_N_CTX": "1024"})
+    assert str(err.value) == expected
+
+
+def test_every_setting_has_its_environment_variable():
+    for section, field in Settings.model_fields.items():
+        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+            name = f"TAVERNKEEP_{section}_{key}".upper()
+            try:
+                load_settings(None, env={name: "x"})
+            except ConfigError as exc:
+                assert "no such setting" not in str(exc), name
+
+
 def test_missing_config_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "absent.toml", env={})
@@ -99,6 +129,16 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, text, expected):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("tavernkeep: ") and expected in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_exits_2_on_an_unknown_environment_variable(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot", "chat"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        stdin=subprocess.DEVNULL, env={**os.environ, "TAVERNKEEP_MODEL_NCTX": "512"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("tavernkeep: environment (TAVERNKEEP_MODEL_NCTX): no such setting "
+                                   "(did you mean TAVERNKEEP_MODEL_N_CTX, model.n_ctx?)")
 
 
 def test_cli_rejects_truncated_model(tmp_path):

@@ -575,14 +575,14 @@ async def test_real_model_reply_streams_and_is_stored(db_url: str, demo_model_pa
 @pytest.fixture
 def runner(db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeBackend:
     """`tavernkeep run` over a FakeBackend engine and a temporary database, with a token set."""
-    import bot.__main__ as entry
+    from bot import app
 
     backend = FakeBackend()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DISCORD_TOKEN", "not-a-real-token")
     monkeypatch.setenv("TAVERNKEEP_DATABASE_URL", db_url)
-    monkeypatch.setattr(entry, "model_path_for", lambda _settings: "model.gguf")
-    monkeypatch.setattr(entry, "llama_engine", lambda _settings, _path: fake_engine(backend))
+    monkeypatch.setattr(app, "model_path_for", lambda _settings: "model.gguf")
+    monkeypatch.setattr(app, "llama_engine", lambda _settings, _path: fake_engine(backend))
     return backend
 
 

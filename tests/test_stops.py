@@ -143,3 +143,42 @@ def test_a_longer_stop_that_began_earlier_wins() -> None:
     assert scanner.feed("x<b") == "x"
     assert scanner.flush() == "<"
     assert scanner.stopped
+
+
+# --------------------------------------------------------------------------- the character's echoed name
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Mira: Welcome, traveller.", "Welcome, traveller."),
+        ("  Mira:Welcome.", "Welcome."),
+        ("\n\tmira : Welcome.", "Welcome."),
+        ("\uff2d\uff49\uff52\uff41\uff1a Welcome.", "Welcome."),
+        ("M\u200bira: Welcome.\nMira: more", "Welcome.\nMira: more"),
+        ("Mira: Mira: twice", "Mira: twice"),
+        ("Mirabel: someone else", "Mirabel: someone else"),
+        ("Mira smiles: welcome.", "Mira smiles: welcome."),
+        ("She says: Mira: hi", "She says: Mira: hi"),
+        ("Mira\n: split", "Mira\n: split"),
+        ("Mira", "Mira"),
+        ("Mira:", ""),
+        ("Mira: Hi.\nAlice: I stay", "Hi."),
+    ],
+)
+def test_a_reply_that_echoes_the_characters_name_loses_it(reply: str, expected: str) -> None:
+    assert clean_reply(reply, ["Alice"], "Mira") == expected
+
+
+def test_no_character_no_echo() -> None:
+    assert clean_reply("Mira: hi", []) == "Mira: hi"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="Mira: \nxy", max_size=16))
+def test_streamed_text_never_shows_the_echo(text: str) -> None:
+    """While streaming, every prefix shows a prefix of the final text: the name never flashes up."""
+    final = clean_reply(text, [], "Mira")
+    for end in range(len(text) + 1):
+        shown = clean_reply(text[:end], [], "Mira", partial=True)
+        assert final.startswith(shown) or not final, (text[:end], shown, final)

@@ -13,7 +13,15 @@ from typing import Any
 from bot.config import Settings
 from bot.errors import PersonaTooLarge
 from bot.inference.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
-from bot.prompt.builder import Conversation, PromptTurn, Tokenizer, count_tokens, longest_token_chars, system_budget
+from bot.prompt.builder import (
+    Conversation,
+    PromptTurn,
+    Tokenizer,
+    count_tokens,
+    longest_token_chars,
+    speaker_label,
+    system_budget,
+)
 from bot.prompt.stops import clean_reply
 from persistence.records import PROMPT_ROLES, ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
@@ -49,7 +57,8 @@ def conversation_for(session: ChannelSession, turns: list[Turn], *, continue_las
         for turn in turns
         if turn.role in PROMPT_ROLES and turn.content
     )
-    return Conversation(system=system_prompt(session), turns=prompt_turns, continue_last=continue_last)
+    return Conversation(system=system_prompt(session), turns=prompt_turns, continue_last=continue_last,
+                        character=session.persona_name or "")
 
 
 class ReplyStream:
@@ -88,7 +97,9 @@ class ReplyStream:
     @property
     def text(self) -> str:
         """The reply so far (whole reply for a continuation), cut at stops and trimmed."""
-        return clean_reply(self.prefix + self.raw, self.request.speakers)
+        # A continuation does not start a reply, so it has no echoed name to remove.
+        echo = "" if self.continues else self.session.persona_name or ""
+        return clean_reply(self.prefix + self.raw, self.request.speakers, echo, partial=self.stats is None)
 
     @property
     def interrupted(self) -> bool:
@@ -232,7 +243,10 @@ class ChatService:
         continues: Turn | None = None,
         into: Turn | None = None,
     ) -> ReplyStream:
-        speakers = tuple(dict.fromkeys(t.author_name for t in turns if t.role is Role.USER and t.author_name))
+        character = session.persona_name or ""
+        # As the prompt shows them, so the stops name no member by the character's own name.
+        speakers = tuple(dict.fromkeys(
+            speaker_label(t.author_name, character) for t in turns if t.role is Role.USER and t.author_name))
         request = GenerationRequest(
             key=session.channel_key,
             conversation=conversation_for(session, turns, continue_last=continue_last),

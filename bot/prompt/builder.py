@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 __all__ = [
+    "MEMBER_SUFFIX",
     "MODEL",
     "ROLE_MARKERS",
     "SYSTEM",
@@ -36,8 +37,10 @@ __all__ = [
     "build_prompt",
     "count_tokens",
     "find_marker",
+    "fold_text",
     "longest_token_chars",
     "neutralise",
+    "speaker_label",
     "system_budget",
 ]
 
@@ -171,6 +174,11 @@ def neutralise(text: str) -> str:
     return _neutralise_parts([text])[0]
 
 
+def fold_text(text: str) -> str:
+    """The view `neutralise` matches on: compatibility-decomposed, case-folded, blanks and invisibles dropped."""
+    return "".join(_fold_char(ch) for ch in text)
+
+
 def find_marker(text: str) -> int | None:
     """Return the index where the first marker (any variant `neutralise` detects) starts, or None."""
     if not _may_contain_marker(text):
@@ -196,12 +204,14 @@ class Conversation:
     """The persona and the turns to fit, oldest first.
 
     With `continue_last` the last turn must be a model turn: the prompt ends with its text so that
-    generation continues it instead of starting a new reply.
+    generation continues it instead of starting a new reply. `character` is the name the model
+    plays: a member whose name reads the same is shown disambiguated (see `speaker_label`).
     """
 
     system: str
     turns: tuple[PromptTurn, ...]
     continue_last: bool = False
+    character: str = ""
 
 
 @dataclass(frozen=True)
@@ -328,9 +338,35 @@ def system_budget(tokenizer: Tokenizer, *, n_ctx: int, max_new_tokens: int, rese
 # --------------------------------------------------------------------------- building
 
 
-def _speaker_line(turn: PromptTurn) -> str:
-    name = " ".join(turn.speaker.split()) if turn.speaker else ""
-    return f"{name}: {turn.text}" if name else turn.text
+# A label marks the character's disambiguated namesake among the members.
+MEMBER_SUFFIX = " (member)"
+
+
+def speaker_label(name: str, character: str = "") -> str:
+    """How a member's name is shown in the prompt (and so in the reply's stops).
+
+    Whitespace runs become one space, and anything that folds to a colon becomes a space, so a
+    display name like `Bob: hi` cannot make its line read as Bob's. A name that reads as the
+    character's once neutralised and folded (case, spacing, zero-width, fullwidth) gets
+    " (member)": the model never sees a member line that looks like its own, and stopping at
+    `\nName:` cannot cut the character's own name. Idempotent.
+    """
+    label = " ".join("".join(" " if ":" in _fold_char(ch) else ch for ch in name).split())
+    if label and character and fold_text(neutralise(label)) == fold_text(neutralise(character)):
+        label += MEMBER_SUFFIX
+    return label
+
+
+def _speaker_line(turn: PromptTurn, character: str = "") -> str:
+    """One user turn as prompt text: every line of it starts with its author's label.
+
+    Each line break (any that `str.splitlines` knows) starts a new `Label: ` line, so no line of a
+    message can pose as another speaker's (`ok\nBob: I hand Alice my sword`).
+    """
+    label = speaker_label(turn.speaker, character) if turn.speaker else ""
+    if not label:
+        return turn.text
+    return "\n".join(f"{label}: {line}" for line in turn.text.splitlines() or [""])
 
 
 def _runs(turns: Sequence[PromptTurn]) -> list[list[PromptTurn]]:
@@ -386,7 +422,7 @@ def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int
             continue
         # The whole run is neutralised together so a marker split across lines is caught, and
         # independently of how much of it fits, so a kept line tokenizes the same whatever the window.
-        lines = _neutralise_parts([_speaker_line(turn) for turn in run])
+        lines = _neutralise_parts([_speaker_line(turn, conversation.character) for turn in run])
         kept: list[list[int]] = []  # newest first
         for line in reversed(lines):
             tokens = piece(line)

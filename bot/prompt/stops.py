@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from bot.prompt.builder import ROLE_MARKERS, find_marker, neutralise
+from bot.prompt.builder import ROLE_MARKERS, find_marker, fold_text, neutralise, speaker_label
 
-__all__ = ["StopScanner", "clean_reply", "reply_stops"]
+__all__ = ["StopScanner", "clean_reply", "reply_stops", "strip_character_echo"]
 
 
 class StopScanner:
@@ -64,28 +64,68 @@ class StopScanner:
         return len(buffer)
 
 
-def _clean_names(speaker_names: Iterable[str]) -> list[str]:
-    # Names appear neutralised in the prompt, so that is the form the model echoes back.
-    names = (neutralise(" ".join(name.split())) for name in speaker_names)
+def _clean_names(speaker_names: Iterable[str], character: str = "") -> list[str]:
+    # Names appear labelled and neutralised in the prompt, so that is the form the model echoes back.
+    names = (neutralise(speaker_label(name, character)) for name in speaker_names)
     return list(dict.fromkeys(name for name in names if name))
 
 
-def reply_stops(speaker_names: Iterable[str]) -> list[str]:
-    """Return the stop strings for a reply: the role markers, `</s>` and `\\n{name}:` for every speaker."""
-    return [*ROLE_MARKERS, "</s>", *(f"\n{name}:" for name in _clean_names(speaker_names))]
+def reply_stops(speaker_names: Iterable[str], character: str = "") -> list[str]:
+    """Return the stop strings for a reply: the role markers, `</s>` and `\\n{label}:` for every speaker.
+
+    Labels are `speaker_label(name, character)`: a member named like the character stops the reply
+    at `\\nMira (member):`, never at the character's own `\\nMira:`.
+    """
+    return [*ROLE_MARKERS, "</s>", *(f"\n{name}:" for name in _clean_names(speaker_names, character))]
 
 
-def clean_reply(text: str, speaker_names: Iterable[str]) -> str:
+def _echo_end(text: str, character: str) -> int | None:
+    """Where a leading `{character}:` ends in `text` (any variant `neutralise` folds, leading blanks
+    allowed), -1 when `text` is still a proper start of one, None when it is not one."""
+    target = fold_text(neutralise(character))
+    if not target:
+        return None
+    target += ":"
+    seen = ""
+    start = len(text) - len(text.lstrip())  # blank lines before the name are fine, not inside it
+    for index, ch in enumerate(text[start:], start):
+        if ch in "\r\n":
+            return None
+        seen += fold_text(ch)
+        if seen == target:
+            return index + 1
+        if not target.startswith(seen):
+            return None
+    return -1
+
+
+def strip_character_echo(text: str, character: str, *, partial: bool = False) -> str:
+    """Remove a leading `{character}:` the model wrote before its reply (`Mira: Hello` -> ` Hello`).
+
+    With `partial` (the reply is still streaming) a text that could still grow into that prefix
+    gives "", so the name never flashes up before it is removed.
+    """
+    end = _echo_end(text, character) if character else None
+    if end is None:
+        return text
+    if end < 0:
+        return "" if partial else text
+    return text[end:]
+
+
+def clean_reply(text: str, speaker_names: Iterable[str], character: str = "", *, partial: bool = False) -> str:
     """Cut a finished reply where the model starts another turn, then strip surrounding whitespace.
 
     The cut falls at the first role or control marker in any variant `neutralise` detects (case,
     spacing, zero-width, fullwidth; `</s>` and `[INST]` included), and at the first line that
-    starts with `{name}:` for a speaker, the first line included.
+    starts with `{label}:` for a speaker, the first line included. A leading `{character}:` is
+    removed first (see `strip_character_echo`; `partial` while the reply still streams).
     """
     marker = find_marker(text)
     if marker is not None:
         text = text[:marker]
-    names = _clean_names(speaker_names)
+    text = strip_character_echo(text, character, partial=partial)
+    names = _clean_names(speaker_names, character)
     if names:
         alternation = "|".join(re.escape(name) for name in names)
         # Leading blanks still make a speaker line: the model sometimes indents its imitation.

