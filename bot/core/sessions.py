@@ -196,13 +196,13 @@ class ChatService:
         """Start a reply to the session's stored history (queued fairly with other channels).
 
         With `reserve`, the reply's model turn is stored right after the history is read (empty,
-        interrupted) and `save()` fills it in, so messages stored while the reply is being written
+        pending) and `save()` fills it in, so messages stored while the reply is being written
         come after it, as they do in a channel.
         """
         turns = await self._window(session)
         if not reserve:
             return self._stream(session, turns, continue_last=False)
-        reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED)
+        reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING)
         try:
             return self._stream(session, turns, continue_last=False, into=reserved)
         except Exception:
