@@ -12,6 +12,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.core import personas
+from bot.discord_front.autocomplete import persona_autocomplete
 from bot.discord_front.errors import TavernModal
 from bot.discord_front.keys import interaction_channel_key
 from bot.discord_front.permissions import admin_only, require_admin, require_guild
@@ -24,15 +25,6 @@ MODAL_TIMEOUT = 900.0  # a long persona takes a while to write
 TITLE_MAX = 45  # Discord's limit for modal titles
 LIST_MAX_CHARS = 1900
 PREVIEW_CHARS = 80
-
-
-async def persona_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    """Autocomplete persona names of the interaction's server."""
-    if interaction.guild_id is None:
-        return []
-    bot: TavernBot = interaction.client  # type: ignore[assignment]
-    names = await personas.matching_names(bot.repo, interaction.guild_id, current)
-    return [app_commands.Choice(name=name, value=name) for name in names]
 
 
 class PersonaModal(TavernModal):
