@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import Settings
-from bot.errors import PersonaTooLarge
+from bot.errors import PersonaMissing, PersonaTooLarge
 from bot.inference.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
 from bot.prompt.builder import Conversation, PromptTurn, Tokenizer, count_tokens, longest_token_chars, system_budget
 from bot.prompt.stops import clean_reply
@@ -232,6 +232,8 @@ class ChatService:
         continues: Turn | None = None,
         into: Turn | None = None,
     ) -> ReplyStream:
+        if not session.persona_text.strip():
+            raise PersonaMissing()
         speakers = tuple(dict.fromkeys(t.author_name for t in turns if t.role is Role.USER and t.author_name))
         request = GenerationRequest(
             key=session.channel_key,
