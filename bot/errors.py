@@ -46,6 +46,15 @@ class NoSession(TavernError):
     user_message = "There is no roleplay session in this channel."
 
 
+class PersonaMissing(TavernError):
+    """The session has no persona text to answer as (never answer from an empty persona)."""
+
+    user_message = (
+        "This channel has no persona to play any more, so I won't answer. Someone with Manage Server "
+        "can choose one with /persona use."
+    )
+
+
 class PersonaTooLarge(TavernError):
     """A persona would leave too little room for the conversation."""
 

@@ -12,9 +12,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.core import personas
+from bot.discord_front.autocomplete import persona_autocomplete
 from bot.discord_front.errors import TavernModal
-from bot.discord_front.keys import interaction_channel_key
+from bot.discord_front.keys import channel_id, interaction_channel_key
 from bot.discord_front.permissions import admin_only, require_admin, require_guild
+from bot.errors import TavernError
 from persistence.records import Persona
 
 if TYPE_CHECKING:
@@ -24,15 +26,6 @@ MODAL_TIMEOUT = 900.0  # a long persona takes a while to write
 TITLE_MAX = 45  # Discord's limit for modal titles
 LIST_MAX_CHARS = 1900
 PREVIEW_CHARS = 80
-
-
-async def persona_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    """Autocomplete persona names of the interaction's server."""
-    if interaction.guild_id is None:
-        return []
-    bot: TavernBot = interaction.client  # type: ignore[assignment]
-    names = await personas.matching_names(bot.repo, interaction.guild_id, current)
-    return [app_commands.Choice(name=name, value=name) for name in names]
 
 
 class PersonaModal(TavernModal):
@@ -115,11 +108,15 @@ class Personas(commands.GroupCog, group_name="persona", group_description="The c
     async def delete(self, interaction: discord.Interaction, name: str) -> None:
         """Delete a persona of this server."""
         guild = require_guild(interaction)
-        if not await self.bot.repo.delete_persona(guild.id, name):
-            raise personas.UnknownPersona(name)
-        await interaction.response.send_message(
-            f'Deleted the persona "{name}". Channels that used it need another one: /persona use.', ephemeral=True
-        )
+        try:
+            await personas.delete_persona(self.bot.repo, guild.id, name)
+        except personas.PersonaInUse as exc:
+            channels = ", ".join(f"<#{channel_id(key)}>" for key in exc.channel_keys)
+            raise TavernError(
+                f'"{discord.utils.escape_markdown(name)}" is the persona of {channels}; give those channels '
+                "another one (/persona use) or reset them before deleting it."
+            ) from exc
+        await interaction.response.send_message(f'Deleted the persona "{name}".', ephemeral=True)
 
     @app_commands.command(name="list", description="List this server's personas")
     async def list_personas(self, interaction: discord.Interaction) -> None:

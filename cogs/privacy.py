@@ -1,19 +1,16 @@
 """/privacy: members export or delete what the bot stored of them in this server.
 
-Open to every member, and only about themselves. `/privacy export` sends the member's own stored
-messages as a JSON Lines file that only they see. `/privacy forget` deletes them after a
-confirmation only the same member can give: the character's replies stay in the story, but every
-name the member wrote under is replaced by "[removed]" in what remains.
+Open to every member, and only about themselves, each at most `COOLDOWN_RATE` times a minute.
+`/privacy export` sends the member's own stored messages as a JSON Lines file that only they see.
+`/privacy forget` deletes them after a confirmation only the same member can give. Nothing else is
+changed: other members' messages are theirs, and the character's replies stay as written, names
+included (a name is also an ordinary word, "Will" or "Rose", and no rule can tell which is meant).
 """
 
 from __future__ import annotations
 
-import asyncio
-import gzip
-import io
-import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -21,12 +18,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_front.errors import TavernView
+from bot.discord_front.exports import COOLDOWN_RATE, COOLDOWN_SECONDS, PAGE, per_member, send_export
 from bot.discord_front.permissions import require_guild
 from bot.errors import TavernError
 from persistence.records import Turn
 
 if TYPE_CHECKING:
     from bot.discord_front.client import TavernBot
+    from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,10 @@ FORGET_TIMEOUT = 120.0
 CHANNEL_PREFIX = "discord:"
 
 NOTHING_STORED = "I have no roleplay messages of yours stored in this server, so there is nothing to {verb}."
-EXPORT_TOO_LARGE = "The export is {size:,} bytes even compressed, more than this server lets me upload ({limit:,})."
 FORGET_QUESTION = (
-    "Delete the {count} roleplay messages of yours I have stored in this server? The character's replies "
-    'stay in the story, but every name you wrote under is replaced by "[removed]" in them. '
-    "This cannot be undone; your messages on Discord itself are not touched."
+    "Delete the {count} roleplay messages of yours I have stored in this server? Other members' messages "
+    "and the character's replies stay as they are. This cannot be undone; your messages on Discord itself "
+    "are not touched."
 )
 
 
@@ -56,30 +54,9 @@ def channel_of(channel_key: str) -> str:
     return channel_key.removeprefix(CHANNEL_PREFIX)
 
 
-def jsonl(records: Iterable[Mapping[str, Any]]) -> bytes:
-    """UTF-8 JSON Lines, one compact object per line; text is kept as written (no \\u escapes)."""
-    return b"".join(
-        json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for record in records
-    )
-
-
-async def jsonl_file(records: list[dict[str, Any]], filename: str, limit: int) -> discord.File | int:
-    """The records as an attachment, gzip-compressed if too large for `limit` bytes.
-
-    Encoding and compression run off the event loop. Returns the compressed size instead of a file
-    when even that is over the limit.
-    """
-    data = await asyncio.to_thread(jsonl, records)
-    if len(data) <= limit:
-        return discord.File(io.BytesIO(data), filename=filename)
-    packed = await asyncio.to_thread(gzip.compress, data, 6, mtime=0)
-    if len(packed) <= limit:
-        return discord.File(io.BytesIO(packed), filename=filename + ".gz")
-    return len(packed)
-
-
-def user_turn_record(channel_key: str, turn: Turn) -> dict[str, Any]:
+def user_turn_record(item: tuple[str, Turn]) -> dict[str, Any]:
     """One line of a member's export: where and when, what they wrote, and the messages carrying it."""
+    channel_key, turn = item
     return {
         "channel": channel_of(channel_key),
         "created_at": turn.created_at.isoformat(),
@@ -90,18 +67,12 @@ def user_turn_record(channel_key: str, turn: Turn) -> dict[str, Any]:
     }
 
 
-async def send_export(
-    interaction: discord.Interaction, records: list[dict[str, Any]], filename: str, content: str
-) -> None:
-    """Follow up a deferred interaction with the records as a private file (or say why not)."""
-    guild = require_guild(interaction)
-    made = await jsonl_file(records, filename, guild.filesize_limit)
-    if isinstance(made, int):
-        await interaction.followup.send(
-            EXPORT_TOO_LARGE.format(size=made, limit=guild.filesize_limit), ephemeral=True
-        )
-        return
-    await interaction.followup.send(content, file=made, ephemeral=True)
+async def user_turn_pages(repo: Repository, user_id: int, guild_id: int) -> AsyncIterator[list[tuple[str, Turn]]]:
+    """A member's turns in one server, a page at a time, oldest first."""
+    after = 0
+    while page := await repo.user_turns(user_id, guild_id, after_id=after, limit=PAGE):
+        yield page
+        after = page[-1][1].id
 
 
 # --- forget ----------------------------------------------------------------------------------------
@@ -125,12 +96,12 @@ class ConfirmForget(TavernView):
 
     @discord.ui.button(label="Delete my messages", style=discord.ButtonStyle.danger)
     async def confirm(self, interaction: discord.Interaction, _button: discord.ui.Button[ConfirmForget]) -> None:
-        """Delete the member's turns in this server and scrub their names from the rest."""
+        """Delete the member's turns in this server (on a database thread, after answering Discord)."""
         self.stop()
+        await interaction.response.defer()
         deleted = await self.bot.repo.forget_user(self.user_id, self.guild_id)
-        await interaction.response.edit_message(
-            content=f'Done: deleted {deleted} stored messages of yours; your names in the replies read "[removed]".',
-            view=None,
+        await interaction.edit_original_response(
+            content=f"Done: deleted {deleted} stored messages of yours.", view=None
         )
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
@@ -158,34 +129,34 @@ class Privacy(commands.GroupCog, group_name="privacy", group_description="Your d
         self.bot = bot
 
     @app_commands.command(name="export", description="Get a file of your stored roleplay messages in this server")
+    @app_commands.checks.cooldown(COOLDOWN_RATE, COOLDOWN_SECONDS, key=per_member)
     async def export(self, interaction: discord.Interaction) -> None:
         """Send the member their own turns of this server as JSON Lines, privately."""
         guild = require_guild(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        turns = await self.bot.repo.user_turns(interaction.user.id, guild.id)
-        if not turns:
-            await interaction.followup.send(NOTHING_STORED.format(verb="export"), ephemeral=True)
-            return
-        records = [user_turn_record(key, turn) for key, turn in turns]
         await send_export(
             interaction,
-            records,
+            user_turn_pages(self.bot.repo, interaction.user.id, guild.id),
+            user_turn_record,
             f"tavernkeep-{guild.id}-{interaction.user.id}.jsonl",
-            f"Your {len(records)} stored roleplay messages in this server, one JSON object per line.",
+            lambda count: f"Your {count} stored roleplay messages in this server, one JSON object per line.",
+            nothing=NOTHING_STORED.format(verb="export"),
         )
 
     @app_commands.command(
-        name="forget", description="Delete your stored roleplay messages here (replies stay, your names removed)"
+        name="forget", description="Delete your stored roleplay messages here (others' words and replies stay)"
     )
+    @app_commands.checks.cooldown(COOLDOWN_RATE, COOLDOWN_SECONDS, key=per_member)
     async def forget(self, interaction: discord.Interaction) -> None:
         """Ask for confirmation, then delete the member's turns in this server."""
         guild = require_guild(interaction)
-        count = len(await self.bot.repo.user_turns(interaction.user.id, guild.id))
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        count = await self.bot.repo.count_user_turns(interaction.user.id, guild.id)
         if not count:
-            await interaction.response.send_message(NOTHING_STORED.format(verb="delete"), ephemeral=True)
+            await interaction.edit_original_response(content=NOTHING_STORED.format(verb="delete"))
             return
-        await interaction.response.send_message(
-            FORGET_QUESTION.format(count=count), view=ConfirmForget(self.bot, interaction, guild.id), ephemeral=True
+        await interaction.edit_original_response(
+            content=FORGET_QUESTION.format(count=count), view=ConfirmForget(self.bot, interaction, guild.id)
         )
 
 

@@ -7,6 +7,7 @@ a session of its parent channel does not answer in it. Stories in threads stay a
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import discord
@@ -14,7 +15,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.core import channel_settings, personas
+from bot.discord_front.autocomplete import persona_autocomplete
 from bot.discord_front.errors import TavernView
+from bot.discord_front.exports import COOLDOWN_RATE, COOLDOWN_SECONDS, PAGE, per_member, send_export
 from bot.discord_front.keys import channel_key, interaction_channel_key
 from bot.discord_front.permissions import (
     WrongGuild,
@@ -26,17 +29,15 @@ from bot.discord_front.permissions import (
 )
 from bot.discord_front.replies import ReplyChannel
 from bot.errors import NoSession, TavernError
-from cogs.personas import persona_autocomplete
-from cogs.privacy import send_export
 from persistence.records import ChannelSession, Turn
 
 if TYPE_CHECKING:
     from bot.discord_front.client import TavernBot
+    from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
 
 RESET_TIMEOUT = 120.0
-EXPORT_PAGE = 500  # turns read per query while exporting a session
 
 
 class CannotRead(TavernError):
@@ -69,6 +70,14 @@ def session_turn_record(turn: Turn) -> dict[str, Any]:
         "status": turn.status.value,
         "message_ids": [str(m) for m in turn.message_ids],
     }
+
+
+async def session_turn_pages(repo: Repository, session_id: int) -> AsyncIterator[list[Turn]]:
+    """Every turn of a session, a page at a time, oldest first."""
+    after = 0
+    while page := await repo.session_turns(session_id, after_id=after, limit=PAGE):
+        yield page
+        after = page[-1].id
 
 
 async def export_target(
@@ -243,6 +252,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Run t
 
     @app_commands.command(name="export", description="Download a channel's current session log (JSON Lines)")
     @app_commands.describe(channel="The channel or thread to export (default: this one)")
+    @app_commands.checks.cooldown(COOLDOWN_RATE, COOLDOWN_SECONDS, key=per_member)
     async def export(
         self,
         interaction: discord.Interaction,
@@ -258,18 +268,14 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Run t
         if session is None:
             raise NoSession(f"There is no roleplay session in #{discord.utils.escape_markdown(target.name)}.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        records: list[dict[str, Any]] = []
-        after = 0
-        while page := await self.bot.repo.session_turns(session.id, after_id=after, limit=EXPORT_PAGE):
-            records.extend(session_turn_record(turn) for turn in page)
-            after = page[-1].id
         name = session.persona_name or "the character"
         await send_export(
             interaction,
-            records,
+            session_turn_pages(self.bot.repo, session.id),
+            session_turn_record,
             f"tavernkeep-session-{target.id}-{session.id}.jsonl",
-            f'The session log of #{discord.utils.escape_markdown(target.name)} with "{name}": {len(records)} turns, '
-            "one JSON object per line.",
+            lambda count: f'The session log of #{discord.utils.escape_markdown(target.name)} with "{name}": '
+            f"{count} turns, one JSON object per line.",
         )
 
 

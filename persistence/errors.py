@@ -47,6 +47,15 @@ class PersonaExists(PersistenceError):
         self.name = name
 
 
+class PersonaInUse(PersistenceError):
+    """A persona cannot be deleted while open channel sessions play it."""
+
+    def __init__(self, name: str, channel_keys: Iterable[str]) -> None:
+        self.name = name
+        self.channel_keys = tuple(channel_keys)
+        super().__init__(f"persona {name!r} is played in {', '.join(self.channel_keys)}")
+
+
 class DuplicateMessage(PersistenceError):
     """A Discord message id is already mapped to a turn (ids are unique across the store)."""
 

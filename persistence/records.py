@@ -22,10 +22,12 @@ PROMPT_ROLES = frozenset({Role.USER, Role.MODEL})
 
 
 class TurnStatus(StrEnum):
-    """Whether a turn was stored whole or cut short (crash, shutdown, cancel)."""
+    """Whether a turn was stored whole, cut short (crash, shutdown, cancel), or is a reply's place
+    reserved before it is written (empty until then; never part of a prompt)."""
 
     COMPLETE = "complete"
     INTERRUPTED = "interrupted"
+    PENDING = "pending"
 
 
 @dataclass(frozen=True, slots=True)

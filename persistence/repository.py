@@ -1,23 +1,23 @@
-"""Async repository: one session per call, explicit commits, plain records out."""
+"""The repository: each call is one function over a sync session, run whole on a database thread
+(`Database.run`), with explicit commits and plain records out."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 import logging
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Integer, Row, Select, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, selectinload
 
 from persistence.database import Database
 from persistence.errors import (
     DuplicateMessage,
     PersonaExists,
+    PersonaInUse,
     PersonaNotFound,
     SessionNotFound,
     TurnNotFound,
@@ -102,6 +102,7 @@ def _open_session_query(channel_key: str) -> Select[tuple[ChannelSessionRow]]:
 # Plain dict lookups: calling an enum per column of every turn of a window is measurable.
 _ROLES = {role.value: role for role in Role}
 _STATUSES = {status.value: status for status in TurnStatus}
+_PENDING = TurnStatus.PENDING.value
 
 
 # The tables themselves, not the mapped classes: a statement over plain table columns runs
@@ -148,16 +149,23 @@ def _within(rows: Iterable[Row[Any]], budget: WindowBudget) -> Iterator[Row[Any]
     A turn can be in the prompt only if the newer turns leave it room, and they need at least
     their lower bounds (`WindowBudget`): so reading stops once the bounds of the rows read use
     up the room. On real conversations that is a fraction of the turns that could fit at the
-    minimum size. Bounds are in characters scaled by chars_per_token: integer arithmetic.
+    minimum size. A turn whose bound alone exceeds the whole room can never be in the prompt:
+    it is passed on (the prompt builder skips it) but takes no room, so the older turns behind it
+    are still read. Pending turns (replies not written yet) are left out. Bounds are in characters
+    scaled by chars_per_token: integer arithmetic.
     """
     scale = max(1, budget.chars_per_token)
     room, per_turn, used = budget.tokens * scale, budget.per_turn * scale, 0
     for row in rows:
         if used >= room:
             return
+        if row.status == _PENDING:
+            continue
         yield row
         if row.role in PROMPT_ROLES and row.content:  # turns the prompt leaves out cost nothing
-            used += per_turn + len(row.content)
+            cost = per_turn + len(row.content)
+            if cost <= room:
+                used += cost
 
 
 def _recent_turns(s: Session, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
@@ -196,8 +204,56 @@ def _turn_query(turn_id: int) -> Select[tuple[TurnRow]]:
     return select(TurnRow).where(TurnRow.id == turn_id).options(selectinload(TurnRow.messages))
 
 
-def _is_duplicate_message(error: IntegrityError) -> bool:
-    return "turn_messages" in str(error.orig)
+def _add_guild_if_missing(s: Session, guild_id: int | None) -> None:
+    if guild_id is not None and s.get(GuildRow, guild_id) is None:
+        s.add(GuildRow(id=guild_id, name=""))
+        s.flush()
+
+
+def _session_row(s: Session, session_id: int) -> ChannelSessionRow:
+    row = s.get(ChannelSessionRow, session_id)
+    if row is None:
+        raise SessionNotFound(session_id)
+    return row
+
+
+def _session_record(s: Session, row: ChannelSessionRow) -> ChannelSession:
+    persona = None if row.persona_id is None else s.get(PersonaRow, row.persona_id)
+    return _session(row, persona)
+
+
+def _check_distinct(message_ids: Sequence[int]) -> None:
+    if len(set(message_ids)) != len(message_ids):
+        raise DuplicateMessage(m for m in message_ids if message_ids.count(m) > 1)
+
+
+def _flush_messages(s: Session, message_ids: Sequence[int], session_id: int | None = None) -> None:
+    """Flush; on an integrity error roll back and say which rule the write broke, from the rows
+    themselves (never from the driver's message): a message id already mapped (`DuplicateMessage`),
+    or a session that does not exist (`SessionNotFound`).
+
+    The constraints are the check (no lookup before every write): the rows are looked up only
+    after a refused flush.
+    """
+    try:
+        s.flush()
+    except IntegrityError as error:
+        s.rollback()
+        if message_ids:
+            query = select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids))
+            if taken := list(s.scalars(query)):
+                raise DuplicateMessage(taken) from error
+        if session_id is not None and s.get(ChannelSessionRow, session_id) is None:
+            raise SessionNotFound(session_id) from error
+        raise
+
+
+def _user_turns_query(user_id: int, guild_id: int | None) -> Select[Any]:
+    return (
+        select(ChannelSessionRow.channel_key, TurnRow)
+        .join(ChannelSessionRow, ChannelSessionRow.id == TurnRow.session_id)
+        .where(TurnRow.author_id == user_id, _guild_filter(guild_id))
+    )
 
 
 class Repository:
@@ -207,80 +263,42 @@ class Repository:
         """Use the sessions of an opened `Database`."""
         self.db = db
 
-    # --- helpers -----------------------------------------------------------------------------------
-
-    @staticmethod
-    async def _add_guild_if_missing(s: AsyncSession, guild_id: int | None) -> None:
-        if guild_id is not None and await s.get(GuildRow, guild_id) is None:
-            s.add(GuildRow(id=guild_id, name=""))
-            await s.flush()
-
-    @staticmethod
-    async def _session_row(s: AsyncSession, session_id: int) -> ChannelSessionRow:
-        row = await s.get(ChannelSessionRow, session_id)
-        if row is None:
-            raise SessionNotFound(session_id)
-        return row
-
-    @staticmethod
-    async def _session_record(s: AsyncSession, row: ChannelSessionRow) -> ChannelSession:
-        persona = None if row.persona_id is None else await s.get(PersonaRow, row.persona_id)
-        return _session(row, persona)
-
-    @staticmethod
-    async def _check_persona(s: AsyncSession, persona_id: int | None) -> None:
-        if persona_id is not None and await s.get(PersonaRow, persona_id) is None:
-            raise PersonaNotFound(persona_id)
-
-    @staticmethod
-    def _check_distinct(message_ids: Sequence[int]) -> None:
-        if len(set(message_ids)) != len(message_ids):
-            raise DuplicateMessage(m for m in message_ids if message_ids.count(m) > 1)
-
-    @staticmethod
-    def _flush_messages(s: Session, message_ids: Sequence[int]) -> None:
-        """Flush; on an integrity error roll back, and a unique violation on `turn_messages` becomes
-        DuplicateMessage naming the taken ids.
-
-        The unique index is the check (no lookup before every write): the taken ids are looked up
-        only after a refused flush.
-        """
-        try:
-            s.flush()
-        except IntegrityError as error:
-            s.rollback()
-            if not _is_duplicate_message(error):
-                raise
-            taken = s.scalars(select(TurnMessageRow.message_id).where(TurnMessageRow.message_id.in_(message_ids)))
-            raise DuplicateMessage(list(taken) or message_ids) from error
-
     # --- guilds ------------------------------------------------------------------------------------
 
     async def ensure_guild(self, guild_id: int, name: str) -> None:
         """Create the guild row, or update its name."""
-        async with self.db.write() as s:
-            row = await s.get(GuildRow, guild_id)
+
+        def ensure(s: Session) -> None:
+            row = s.get(GuildRow, guild_id)
             if row is None:
                 s.add(GuildRow(id=guild_id, name=name))
             elif row.name != name:
                 row.name = name
-            await s.commit()
+            s.commit()
+
+        await self.db.run(ensure, write=True)
 
     async def get_meta(self, key: str) -> str | None:
         """Return a stored bot-wide value, or None."""
-        async with self.db.read() as s:
-            row = await s.get(MetaRow, key)
+
+        def get(s: Session) -> str | None:
+            row = s.get(MetaRow, key)
             return row.value if row else None
+
+        return await self.db.run(get)
 
     async def set_meta(self, key: str, value: str) -> None:
         """Store a bot-wide value."""
-        async with self.db.write() as s:
-            row = await s.get(MetaRow, key)
+
+        def put(s: Session) -> None:
+            row = s.get(MetaRow, key)
             if row is None:
                 s.add(MetaRow(key=key, value=value))
             else:
                 row.value = value
-            await s.commit()
+            s.commit()
+
+        await self.db.run(put, write=True)
 
     # --- personas ----------------------------------------------------------------------------------
 
@@ -288,52 +306,72 @@ class Repository:
         self, guild_id: int | None, name: str, text: str, created_by: int | None = None
     ) -> Persona:
         """Create a persona; raise `PersonaExists` if the guild already has one with this name."""
-        async with self.db.write() as s:
-            if await s.scalar(_persona_query(guild_id, name)) is not None:
+
+        def create(s: Session) -> Persona:
+            if s.scalar(_persona_query(guild_id, name)) is not None:
                 raise PersonaExists(guild_id, name)
-            await self._add_guild_if_missing(s, guild_id)
+            _add_guild_if_missing(s, guild_id)
             row = PersonaRow(guild_id=guild_id, name=name, text=text, created_by=created_by)
             s.add(row)
             try:
-                await s.flush()
-            except IntegrityError as error:
+                s.flush()
+            except IntegrityError as error:  # another writer took the name first (PostgreSQL)
                 raise PersonaExists(guild_id, name) from error
-            await s.commit()
+            s.commit()
             return _persona(row)
+
+        return await self.db.run(create, write=True)
 
     async def update_persona(self, guild_id: int | None, name: str, text: str) -> Persona | None:
         """Replace a persona's text; None if there is no such persona."""
-        async with self.db.write() as s:
-            row = await s.scalar(_persona_query(guild_id, name))
+
+        def update(s: Session) -> Persona | None:
+            row = s.scalar(_persona_query(guild_id, name))
             if row is None:
                 return None
             row.text = text
             row.updated_at = utcnow()
-            await s.commit()
+            s.commit()
             return _persona(row)
 
+        return await self.db.run(update, write=True)
+
     async def delete_persona(self, guild_id: int | None, name: str) -> bool:
-        """Delete a persona (sessions using it fall back to their inline text); False if absent."""
-        async with self.db.write() as s:
-            persona_id = await s.scalar(_persona_query(guild_id, name).with_only_columns(PersonaRow.id))
+        """Delete a persona; False if absent. `PersonaInUse` (nothing deleted) while an open session,
+        running or paused, plays it: that channel would be left without a character. Archived
+        sessions keep their turns and lose the link."""
+
+        def remove(s: Session) -> bool:
+            persona_id = s.scalar(_persona_query(guild_id, name).with_only_columns(PersonaRow.id))
             if persona_id is None:
                 return False
-            await s.execute(delete(PersonaRow).where(PersonaRow.id == persona_id))
-            await s.commit()
+            users = (
+                select(ChannelSessionRow.channel_key)
+                .where(ChannelSessionRow.persona_id == persona_id, ChannelSessionRow.archived_at.is_(None))
+                .order_by(ChannelSessionRow.id)
+            )
+            if channel_keys := list(s.scalars(users)):
+                raise PersonaInUse(name, channel_keys)
+            s.execute(delete(PersonaRow).where(PersonaRow.id == persona_id))
+            s.commit()
             return True
+
+        return await self.db.run(remove, write=True)
 
     async def get_persona(self, guild_id: int | None, name: str) -> Persona | None:
         """The persona called `name` in this guild (`None` guild: global personas)."""
-        async with self.db.read() as s:
-            row = await s.scalar(_persona_query(guild_id, name))
+
+        def get(s: Session) -> Persona | None:
+            row = s.scalar(_persona_query(guild_id, name))
             return None if row is None else _persona(row)
+
+        return await self.db.run(get)
 
     async def list_personas(self, guild_id: int | None) -> list[Persona]:
         """The personas of one guild, by name."""
         guild = PersonaRow.guild_id.is_(None) if guild_id is None else PersonaRow.guild_id == guild_id
-        async with self.db.read() as s:
-            rows = await s.scalars(select(PersonaRow).where(guild).order_by(PersonaRow.name))
-            return [_persona(r) for r in rows]
+        query = select(PersonaRow).where(guild).order_by(PersonaRow.name)
+        return await self.db.run(lambda s: [_persona(r) for r in s.scalars(query)])
 
     # --- sessions ----------------------------------------------------------------------------------
 
@@ -345,7 +383,7 @@ class Repository:
             row = s.scalar(query)
             return None if row is None else _session(row, row.persona)
 
-        return await self.db.run_sync(read)
+        return await self.db.run(read)
 
     async def start_session(
         self,
@@ -362,25 +400,12 @@ class Repository:
         given (both columns are set, so one clears the other) and kept otherwise; `settings`
         replaces the overrides when given; `guild_id` fills in a missing guild.
         """
-        args = (channel_key, guild_id, persona_id, persona_text, settings)
-        try:
-            return await self._start_session(*args)
-        except IntegrityError:
-            # Another writer opened the channel's session first (possible on PostgreSQL): use it.
-            return await self._start_session(*args)
 
-    async def _start_session(
-        self,
-        channel_key: str,
-        guild_id: int | None,
-        persona_id: int | None,
-        persona_text: str | None,
-        settings: Mapping[str, Any] | None,
-    ) -> ChannelSession:
-        async with self.db.write() as s:
-            await self._check_persona(s, persona_id)
-            await self._add_guild_if_missing(s, guild_id)
-            row = await s.scalar(_open_session_query(channel_key))
+        def start(s: Session) -> ChannelSession:
+            if persona_id is not None and s.get(PersonaRow, persona_id) is None:
+                raise PersonaNotFound(persona_id)
+            _add_guild_if_missing(s, guild_id)
+            row = s.scalar(_open_session_query(channel_key))
             if row is None:
                 row = ChannelSessionRow(
                     channel_key=channel_key,
@@ -399,28 +424,35 @@ class Repository:
                     row.settings = dict(settings)
                 if row.guild_id is None and guild_id is not None:
                     row.guild_id = guild_id
-            await s.flush()
-            record = await self._session_record(s, row)
-            await s.commit()
+            s.flush()
+            record = _session_record(s, row)
+            s.commit()
             return record
+
+        try:
+            return await self.db.run(start, write=True)
+        except IntegrityError:
+            # Another writer opened the channel's session first (possible on PostgreSQL): use it.
+            return await self.db.run(start, write=True)
+
+    async def _change_session(self, session_id: int, **values: Any) -> ChannelSession:
+        def change(s: Session) -> ChannelSession:
+            row = _session_row(s, session_id)
+            for name, value in values.items():
+                setattr(row, name, value)
+            record = _session_record(s, row)
+            s.commit()
+            return record
+
+        return await self.db.run(change, write=True)
 
     async def set_session_active(self, session_id: int, active: bool) -> ChannelSession:
         """Pause (`False`) or resume (`True`) a session."""
-        async with self.db.write() as s:
-            row = await self._session_row(s, session_id)
-            row.active = active
-            record = await self._session_record(s, row)
-            await s.commit()
-            return record
+        return await self._change_session(session_id, active=active)
 
     async def update_session_settings(self, session_id: int, settings: Mapping[str, Any]) -> ChannelSession:
         """Replace a session's per-channel overrides."""
-        async with self.db.write() as s:
-            row = await self._session_row(s, session_id)
-            row.settings = dict(settings)
-            record = await self._session_record(s, row)
-            await s.commit()
-            return record
+        return await self._change_session(session_id, settings=dict(settings))
 
     async def archive_session(self, session_id: int) -> ChannelSession:
         """Archive a session and return a fresh, empty one with the same channel, persona and settings.
@@ -428,15 +460,16 @@ class Repository:
         Idempotent: if the session is already archived, the channel's open session is returned
         (or opened if there is none).
         """
-        async with self.db.write() as s:
-            old = await self._session_row(s, session_id)
+
+        def archive(s: Session) -> ChannelSession:
+            old = _session_row(s, session_id)
             if old.archived_at is None:
                 old.archived_at = utcnow()
-                await s.flush()
+                s.flush()
             else:
-                current = await s.scalar(_open_session_query(old.channel_key))
+                current = s.scalar(_open_session_query(old.channel_key))
                 if current is not None:
-                    return await self._session_record(s, current)
+                    return _session_record(s, current)
             new = ChannelSessionRow(
                 channel_key=old.channel_key,
                 guild_id=old.guild_id,
@@ -446,11 +479,13 @@ class Repository:
                 settings=dict(old.settings or {}),
             )
             s.add(new)
-            await s.flush()
-            record = await self._session_record(s, new)
-            await s.commit()
+            s.flush()
+            record = _session_record(s, new)
+            s.commit()
             log.debug("archived session %s of %s, opened %s", session_id, old.channel_key, new.id)
             return record
+
+        return await self.db.run(archive, write=True)
 
     async def list_active_sessions(self) -> list[ChannelSession]:
         """Every open (non-archived) session that is not paused."""
@@ -460,8 +495,7 @@ class Repository:
             .order_by(ChannelSessionRow.id)
             .options(selectinload(ChannelSessionRow.persona))
         )
-        async with self.db.read() as s:
-            return [_session(r, r.persona) for r in await s.scalars(query)]
+        return await self.db.run(lambda s: [_session(r, r.persona) for r in s.scalars(query)])
 
     # --- turns -------------------------------------------------------------------------------------
 
@@ -481,7 +515,7 @@ class Repository:
         Raises `DuplicateMessage` (nothing stored) if a message id is already mapped.
         """
         ids = list(message_ids)
-        self._check_distinct(ids)
+        _check_distinct(ids)
         row = TurnRow(
             session_id=session_id,
             role=Role(role).value,
@@ -494,23 +528,18 @@ class Repository:
 
         def append(s: Session) -> Turn:
             s.add(row)
-            try:
-                self._flush_messages(s, ids)
-            except IntegrityError as error:  # the session's foreign key (no lookup before every write)
-                if s.get(ChannelSessionRow, session_id) is None:
-                    raise SessionNotFound(session_id) from error
-                raise
+            _flush_messages(s, ids, session_id)
             s.commit()
             return _turn(row)
 
-        return await self.db.run_sync(append, write=True)
+        return await self.db.run(append, write=True)
 
     async def recent_turns(self, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:
         """The newest `limit` turns of a session, oldest first; with `budget`, only those of them
         that can still fit a prompt window (see `_within`)."""
         if limit <= 0:
             return []
-        return await self.db.run_sync(lambda s: _recent_turns(s, session_id, limit, budget))
+        return await self.db.run(lambda s: _recent_turns(s, session_id, limit, budget))
 
     async def turn_by_message(self, message_id: int) -> Turn | None:
         """The turn a Discord message belongs to."""
@@ -520,9 +549,12 @@ class Repository:
             .where(TurnMessageRow.message_id == message_id)
             .options(selectinload(TurnRow.messages))
         )
-        async with self.db.read() as s:
-            row = await s.scalar(query)
+
+        def find(s: Session) -> Turn | None:
+            row = s.scalar(query)
             return None if row is None else _turn(row)
+
+        return await self.db.run(find)
 
     async def edit_turn(
         self, turn_id: int, content: str, *, status: TurnStatus | str | None = None
@@ -539,19 +571,22 @@ class Repository:
             s.commit()
             return _turn(row)
 
-        return await self.db.run_sync(edit, write=True)
+        return await self.db.run(edit, write=True)
 
     async def delete_turn(self, turn_id: int) -> bool:
         """Delete a turn and its message mappings; False if it did not exist."""
-        async with self.db.write() as s:
-            result = await s.execute(delete(TurnRow).where(TurnRow.id == turn_id))
-            await s.commit()
+
+        def remove(s: Session) -> bool:
+            result = s.execute(delete(TurnRow).where(TurnRow.id == turn_id))
+            s.commit()
             return bool(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self.db.run(remove, write=True)
 
     async def add_turn_messages(self, turn_id: int, message_ids: Iterable[int]) -> Turn:
         """Map more Discord messages (the next parts) to a turn; `DuplicateMessage` if one is taken."""
         ids = list(message_ids)
-        self._check_distinct(ids)
+        _check_distinct(ids)
 
         def add(s: Session) -> Turn:
             row = s.scalar(_turn_query(turn_id))
@@ -561,19 +596,16 @@ class Repository:
                 raise DuplicateMessage(mapped)  # already this turn's (the index catches other turns')
             start = max((m.part for m in row.messages), default=-1) + 1
             row.messages.extend(TurnMessageRow(message_id=m, part=start + i) for i, m in enumerate(ids))
-            self._flush_messages(s, ids)
+            _flush_messages(s, ids)
             s.commit()
             return _turn(row)
 
-        return await self.db.run_sync(add, write=True)
+        return await self.db.run(add, write=True)
 
     async def count_turns(self, session_id: int) -> int:
         """How many turns a session has."""
-        async with self.db.read() as s:
-            count = await s.scalar(
-                select(func.count()).select_from(TurnRow).where(TurnRow.session_id == session_id)
-            )
-            return int(count or 0)
+        query = select(func.count()).select_from(TurnRow).where(TurnRow.session_id == session_id)
+        return int(await self.db.run(lambda s: s.scalar(query)) or 0)
 
     async def latest_turn(self, session_id: int) -> Turn | None:
         """The newest turn of a session."""
@@ -591,50 +623,44 @@ class Repository:
             .limit(limit)
             .options(selectinload(TurnRow.messages))
         )
-        async with self.db.read() as s:
-            return [_turn(r) for r in await s.scalars(query)]
+        return await self.db.run(lambda s: [_turn(r) for r in s.scalars(query)])
 
-    async def user_turns(self, user_id: int, guild_id: int | None) -> list[tuple[str, Turn]]:
-        """Every turn a user wrote in one guild (archived sessions included), with its channel key."""
+    async def count_user_turns(self, user_id: int, guild_id: int | None) -> int:
+        """How many turns a user wrote in one guild (archived sessions included)."""
+        query = _user_turns_query(user_id, guild_id).with_only_columns(func.count())
+        return int(await self.db.run(lambda s: s.scalar(query)) or 0)
+
+    async def user_turns(
+        self, user_id: int, guild_id: int | None, *, after_id: int = 0, limit: int = 1000
+    ) -> list[tuple[str, Turn]]:
+        """A page of the turns a user wrote in one guild (archived sessions included), oldest first,
+        with ids above `after_id`, each with its channel key."""
         query = (
-            select(ChannelSessionRow.channel_key, TurnRow)
-            .join(ChannelSessionRow, ChannelSessionRow.id == TurnRow.session_id)
-            .where(TurnRow.author_id == user_id, _guild_filter(guild_id))
+            _user_turns_query(user_id, guild_id)
+            .where(TurnRow.id > after_id)
             .order_by(TurnRow.id)
+            .limit(limit)
             .options(selectinload(TurnRow.messages))
         )
-        async with self.db.read() as s:
-            return [(key, _turn(row)) for key, row in (await s.execute(query)).all()]
+        return await self.db.run(lambda s: [(key, _turn(row)) for key, row in s.execute(query).all()])
 
-    async def forget_user(self, user_id: int, guild_id: int | None, *, placeholder: str = "[removed]") -> int:
-        """Delete a user's turns in one guild and scrub their names from the model turns there.
+    async def forget_user(self, user_id: int, guild_id: int | None) -> int:
+        """Delete every turn a user wrote in one guild (their message mappings go with them).
 
-        Returns how many of the user's turns were deleted. Model replies stay (they belong to the
-        conversation), but every display name the user wrote under is replaced by `placeholder`.
+        Returns how many turns were deleted. Nothing else is changed: other members' turns are theirs,
+        and the character's replies stay as written (a name is also an ordinary word: "Will", "Rose").
         """
-        async with self.db.write() as s:
-            sessions = select(ChannelSessionRow.id).where(_guild_filter(guild_id))
-            mine = select(TurnRow).where(TurnRow.author_id == user_id, TurnRow.session_id.in_(sessions))
-            rows = list(await s.scalars(mine))
-            names = {r.author_name for r in rows if r.author_name.strip()}
-            touched = {r.session_id for r in rows}
-            for row in rows:
-                await s.delete(row)
-            if names and touched:
-                others = select(TurnRow).where(
-                    TurnRow.session_id.in_(touched), TurnRow.author_id.is_distinct_from(user_id)
-                )
-                # Whole words only, any case: scrubbing "Al" must not turn "Also" into "[removed]so".
-                pattern = re.compile(
-                    "|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(names, key=len, reverse=True)),
-                    re.IGNORECASE,
-                )
-                for row in await s.scalars(others):
-                    row.content = pattern.sub(placeholder, row.content)
-            await s.commit()
-        log.info("forgot user %s in guild %s: %d turns deleted", user_id, guild_id, len(rows))
-        return len(rows)
+        sessions = select(ChannelSessionRow.id).where(_guild_filter(guild_id))
+        mine = delete(TurnRow).where(TurnRow.author_id == user_id, TurnRow.session_id.in_(sessions))
 
+        def forget(s: Session) -> int:
+            deleted = int(s.execute(mine).rowcount)  # type: ignore[attr-defined]
+            s.commit()
+            return deleted
+
+        deleted = await self.db.run(forget, write=True)
+        log.info("forgot user %s in guild %s: %d turns deleted", user_id, guild_id, deleted)
+        return deleted
 
     async def newest_message_id(self, session_id: int) -> int | None:
         """The highest Discord message id mapped to a turn of the session; None if there is none."""
@@ -643,8 +669,7 @@ class Repository:
             .join(TurnRow, TurnRow.id == TurnMessageRow.turn_id)
             .where(TurnRow.session_id == session_id)
         )
-        async with self.db.read() as s:
-            return await s.scalar(query)
+        return await self.db.run(lambda s: s.scalar(query))
 
 
 def _guild_filter(guild_id: int | None) -> Any:

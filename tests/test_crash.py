@@ -145,7 +145,7 @@ def test_killed_mid_reply_leaves_a_sound_store_and_the_channel_is_answered_once(
     assert integrity == "ok"
     assert turns == [
         StoredTurn("user", "complete", SAID, (started["said"],)),
-        StoredTurn("model", "interrupted", "", (started["reply"],)),
+        StoredTurn("model", "pending", "", (started["reply"],)),
     ]
 
     settings = Settings.model_validate({"discord": {"after_crash": after_crash}})
@@ -200,7 +200,7 @@ async def test_restart_takes_down_a_half_written_reply_and_answers_afresh(db_url
         repo = t.bot.repo
         await repo.append_turn(session.id, Role.USER, SAID, author_id=tavern.alice.id, author_name="Alice",
                                message_ids=[said.id])
-        await repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED, message_ids=[half.id])
+        await repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING, message_ids=[half.id])
 
         await t.restart()
         assert [m.content for m in tavern.channel.history() if m.author.bot] == [FRESH_REPLY]

@@ -287,8 +287,8 @@ async def test_reset_asks_first_then_archives_the_history(db_url):
         assert await t.bot.repo.count_turns(fresh.id) == 0
         kept = [turn.content for turn in await t.bot.repo.recent_turns(old.id, 10)]
         assert kept == ["Hello there", "You said: Alice: Hello there"]
-        async with t.bot.repo.db.read() as s:
-            assert (await s.get(ChannelSessionRow, old.id)).archived_at is not None
+        archived = await t.bot.repo.db.run(lambda s: s.get(ChannelSessionRow, old.id).archived_at)
+        assert archived is not None
 
         await t.player.send(t.channel, "Who are you?")
         assert "Hello there" not in t.model.prompts[-1]  # the character forgot the archived story

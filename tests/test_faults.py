@@ -312,7 +312,7 @@ def _disk_full(connection: Any, _record: Any) -> None:
 
 async def _set_fault(t: BotEnv, listener: Callable[[Any, Any], None], on: bool) -> None:
     """Apply `listener` to every new connection (or stop) and drop the pooled ones so it takes effect."""
-    for engine in t.database.sync_engines:
+    for engine in (t.database.engine,):
         if on:
             event.listen(engine, "connect", listener)
         else:

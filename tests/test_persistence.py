@@ -26,6 +26,7 @@ from persistence import (
     DuplicateMessage,
     Persona,
     PersonaExists,
+    PersonaInUse,
     PersonaNotFound,
     Repository,
     Role,
@@ -38,6 +39,7 @@ from persistence.database import alembic_config
 from persistence.models import Base, ChannelSessionRow, UTCDateTime
 from persistence.repository import messages_from_query, newest_turns_query
 
+HEAD = "0002"
 GUILD = 111_111_111_111_111_111
 OTHER_GUILD = 222_222_222_222_222_222
 USER = 333_333_333_333_333_333
@@ -46,13 +48,11 @@ USER = 333_333_333_333_333_333
 @contextmanager
 def _before_each_statement(db: Database, listener: Callable[..., None]) -> Iterator[None]:
     """Call `listener` before every statement any of the database's engines runs, while inside."""
-    for engine in db.sync_engines:
-        event.listen(engine, "before_cursor_execute", listener)
+    event.listen(db.engine, "before_cursor_execute", listener)
     try:
         yield
     finally:
-        for engine in db.sync_engines:
-            event.remove(engine, "before_cursor_execute", listener)
+        event.remove(db.engine, "before_cursor_execute", listener)
 
 
 def _db_path(url: str) -> Path:
@@ -80,21 +80,19 @@ async def test_migrations_fresh_twice_and_schema_matches_models(db_url: str) -> 
     await db.close()
     db = await Database.open(db_url)  # and a third, on reopen
     try:
-        async with db.engine.connect() as conn:
-            assert (
-                await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-            ).scalar_one() == "0001"
-            assert await conn.run_sync(_schema_diffs) == []
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == HEAD
+            assert _schema_diffs(conn) == []
 
             # The comparison is not vacuous: a model change shows up as a diff.
             changed = MetaData()
             for table in Base.metadata.tables.values():
                 table.to_metadata(changed)
             changed.tables["turns"].append_column(Column("extra", Integer))
-            diffs = await conn.run_sync(_schema_diffs, changed)
+            diffs = _schema_diffs(conn, changed)
             assert [d[0] for d in diffs] == ["add_column"]
 
-            names = {r[0] for r in await conn.exec_driver_sql("SELECT name FROM sqlite_master")}
+            names = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")}
             assert {
                 "guilds",
                 "personas",
@@ -117,7 +115,7 @@ def test_alembic_cli_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         command.downgrade(config, "base")
         command.upgrade(config, "head")
         with closing(sqlite3.connect(_db_path(url))) as conn:
-            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
             assert conn.execute("SELECT count(*) FROM turn_messages").fetchone() == (0,)
 
     config = alembic_config()
@@ -132,8 +130,7 @@ def test_alembic_cli_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 async def test_open_without_migrate_leaves_file_empty(db_url: str) -> None:
     db = await Database.open(db_url, migrate=False)
     try:
-        async with db.read() as s:
-            assert (await s.execute(text("SELECT count(*) FROM sqlite_master"))).scalar_one() == 0
+        assert await db.run(lambda s: s.execute(text("SELECT count(*) FROM sqlite_master")).scalar_one()) == 0
     finally:
         await db.close()
 
@@ -149,26 +146,22 @@ async def test_open_creates_parent_directories(tmp_path: Path) -> None:
 
 
 async def test_pragmas_on_every_connection(db: Database) -> None:
-    async def pragmas(run: Any) -> tuple[Any, ...]:
-        return tuple(
-            [(await run(f"PRAGMA {p}")).scalar() for p in ("journal_mode", "foreign_keys", "busy_timeout")]
-        )
+    def pragmas(run: Any) -> tuple[Any, ...]:
+        return tuple([run(f"PRAGMA {p}").scalar() for p in ("journal_mode", "foreign_keys", "busy_timeout")])
 
     expected = ("wal", 1, 5000)
     # Several connections checked out at once: each one is new and must carry the pragmas.
-    conns = [await db.engine.connect() for _ in range(4)]
+    conns = [db.engine.connect() for _ in range(4)]
     try:
         for conn in conns:
-            assert await pragmas(conn.exec_driver_sql) == expected
-        assert len({id(await c.get_raw_connection()) for c in conns}) == 4
+            assert pragmas(conn.exec_driver_sql) == expected
+        assert len({id(c.connection.dbapi_connection) for c in conns}) == 4
     finally:
         for conn in conns:
-            await conn.close()
-    async with db.read() as s:
-        assert await pragmas(lambda q: s.execute(text(q))) == expected
-    async with db.write() as s:
-        assert await pragmas(lambda q: s.execute(text(q))) == expected
-        assert (await s.execute(text("PRAGMA synchronous"))).scalar() == 1  # NORMAL
+            conn.close()
+    assert await db.run(lambda s: pragmas(lambda q: s.execute(text(q)))) == expected
+    assert await db.run(lambda s: pragmas(lambda q: s.execute(text(q))), write=True) == expected
+    assert await db.run(lambda s: s.execute(text("PRAGMA synchronous")).scalar(), write=True) == 1  # NORMAL
 
 
 async def test_write_sessions_begin_immediate(db: Database, db_url: str) -> None:
@@ -184,12 +177,12 @@ async def test_write_sessions_begin_immediate(db: Database, db_url: str) -> None
         finally:
             other.close()
 
-    async with db.read() as s:
-        await s.execute(text("SELECT count(*) FROM turns"))
-        assert try_write_lock()  # a read transaction takes no write lock
-    async with db.write() as s:
-        await s.execute(text("SELECT count(*) FROM turns"))
-        assert not try_write_lock()  # the write transaction reserved the database at BEGIN
+    def holds(s: Any) -> bool:
+        s.execute(text("SELECT count(*) FROM turns"))
+        return not try_write_lock()
+
+    assert not await db.run(holds)  # a read transaction takes no write lock
+    assert await db.run(holds, write=True)  # the write transaction reserved the database at BEGIN
     assert try_write_lock()
 
 
@@ -222,8 +215,7 @@ async def test_ensure_guild_creates_and_renames(repo: Repository, db: Database) 
     await repo.ensure_guild(GUILD, "Old")
     await repo.ensure_guild(GUILD, "New")
     await repo.ensure_guild(GUILD, "New")
-    async with db.read() as s:
-        rows = (await s.execute(text("SELECT id, name FROM guilds"))).all()
+    rows = await db.run(lambda s: s.execute(text("SELECT id, name FROM guilds")).all())
     assert [tuple(r) for r in rows] == [(GUILD, "New")]
 
 
@@ -269,17 +261,29 @@ async def test_persona_names_unique_per_guild_and_globally(repo: Repository) -> 
     assert (await repo.get_persona(None, "Narrator")).text == "global"  # type: ignore[union-attr]
 
 
-async def test_deleting_persona_sets_sessions_persona_null(repo: Repository) -> None:
+async def test_a_persona_played_in_an_open_session_is_not_deleted(repo: Repository) -> None:
+    """Open sessions, running or paused, keep their persona: the delete is refused naming them, and
+    goes through once only archived sessions used it (those lose the link, not their turns)."""
     persona = await repo.create_persona(GUILD, "Bard", "Sings.")
-    inline = await repo.start_session("discord:1", guild_id=GUILD, persona_id=persona.id)
-    assert (inline.persona_id, inline.persona_name, inline.persona_text) == (persona.id, "Bard", "Sings.")
-    await repo.start_session("discord:2", guild_id=GUILD, persona_id=persona.id)
+    first = await repo.start_session("discord:1", guild_id=GUILD, persona_id=persona.id)
+    paused = await repo.start_session("discord:2", guild_id=GUILD, persona_id=persona.id)
+    await repo.set_session_active(paused.id, False)
+    await repo.start_session("discord:3", guild_id=GUILD, persona_text="Someone else.")
 
+    with pytest.raises(PersonaInUse) as refused:
+        await repo.delete_persona(GUILD, "Bard")
+    assert refused.value.channel_keys == ("discord:1", "discord:2")
+    assert await repo.get_persona(GUILD, "Bard") == persona
+    assert (await repo.get_active_session("discord:2")).persona_text == "Sings."
+
+    await repo.archive_session(first.id)  # the fresh session of discord:1 still plays it
+    with pytest.raises(PersonaInUse):
+        await repo.delete_persona(GUILD, "Bard")
+    await repo.start_session("discord:1", persona_text="A new character.")
+    await repo.start_session("discord:2", persona_text="Another one.")
+    turn = await repo.append_turn(first.id, Role.USER, "kept")
     assert await repo.delete_persona(GUILD, "Bard")
-    for key in ("discord:1", "discord:2"):
-        session = await repo.get_active_session(key)
-        assert session is not None
-        assert (session.persona_id, session.persona_name, session.persona_text) == (None, None, "")
+    assert await repo.recent_turns(first.id, 10) == [turn]
 
 
 # --- sessions --------------------------------------------------------------------------------------
@@ -348,24 +352,19 @@ async def test_at_most_one_open_session_per_channel(repo: Repository, db: Databa
     first = await repo.start_session("discord:1")
     assert (await repo.start_session("discord:1")).id == first.id
 
-    async with db.write() as s:  # the partial unique index refuses a second open row
+    def second_open_row(s: Any) -> None:  # the partial unique index refuses a second open row
         s.add(ChannelSessionRow(channel_key="discord:1", active=True, settings={}))
-        with pytest.raises(IntegrityError):
-            await s.flush()
+        s.flush()
+
+    with pytest.raises(IntegrityError):
+        await db.run(second_open_row, write=True)
 
     concurrent = await asyncio.gather(*(repo.start_session("discord:2") for _ in range(10)))
     assert len({s.id for s in concurrent}) == 1
 
     new = await repo.archive_session(first.id)  # archived rows do not count
-    async with db.read() as s:
-        rows = (
-            await s.execute(
-                text(
-                    "SELECT id, archived_at IS NULL FROM channel_sessions "
-                    "WHERE channel_key = 'discord:1' ORDER BY id"
-                )
-            )
-        ).all()
+    query = text("SELECT id, archived_at IS NULL FROM channel_sessions WHERE channel_key = 'discord:1' ORDER BY id")
+    rows = await db.run(lambda s: s.execute(query).all())
     assert [tuple(r) for r in rows] == [(first.id, 0), (new.id, 1)]
 
 
@@ -494,8 +493,8 @@ async def test_window_queries_use_the_index(repo: Repository, db: Database) -> N
     for query in (newest_turns_query(), messages_from_query()):
         bound = query.params(**params)
         sql = str(bound.compile(dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}))
-        async with db.read() as s:
-            plan = " | ".join(str(r[-1]) for r in await s.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+        plan = await db.run(lambda s, sql=sql: " | ".join(
+            str(r[-1]) for r in s.execute(text(f"EXPLAIN QUERY PLAN {sql}"))))
         assert "INDEX ix_turns_session_id_id (session_id=?" in plan, (sql, plan)
         assert "SCAN turns" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
 
@@ -515,11 +514,11 @@ async def test_hot_paths_run_on_a_database_thread(repo: Repository, db: Database
     assert threads and all(name.startswith("tavernkeep-db") for name in threads), threads
 
 
-async def test_in_memory_database_runs_on_the_async_session() -> None:
-    """Without a file other connections could open, the same calls run through the async session."""
+async def test_in_memory_database_shares_one_connection() -> None:
+    """In memory each connection would be a database of its own: every call uses the one connection."""
     db = await Database.open("sqlite+aiosqlite://")
     try:
-        assert len(db.sync_engines) == 1
+        assert db.engine.url.get_driver_name() == "pysqlite"
         repo = Repository(db)
         session = await repo.start_session("discord:1")
         turn = await repo.append_turn(session.id, Role.USER, "hello", message_ids=[1])
@@ -539,7 +538,7 @@ async def test_cancelled_write_is_finished_before_the_cancellation_returns(repo:
             started.set()
             time.sleep(0.3)
 
-    engine = db.sync_engines[-1]
+    engine = db.engine
     event.listen(engine, "before_cursor_execute", slow_insert)
     try:
         task = asyncio.create_task(repo.append_turn(session.id, Role.USER, "hello", message_ids=[7]))
@@ -643,3 +642,59 @@ async def test_meta_values_round_trip(db_url: str) -> None:
         assert await repo.get_meta("commands") == "def"
     finally:
         await db.close()
+
+
+async def test_migration_0002_marks_reserved_reply_turns_pending(tmp_path: Path) -> None:
+    """An empty, interrupted model turn was a reply's reserved place: 0002 makes it pending, and only it."""
+    path = tmp_path / "old.db"
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", f"sqlite:///{path}")
+    command.upgrade(config, "0001")
+    rows = [
+        ("model", "", "interrupted"),  # reserved, never written: pending
+        ("model", "Half a repl", "interrupted"),
+        ("model", "A reply.", "complete"),
+        ("user", "", "interrupted"),
+    ]
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("INSERT INTO channel_sessions (id, channel_key, active, settings, created_at) "
+                     "VALUES (1, 'discord:1', 1, '{}', '2025-01-01 00:00:00')")
+        conn.executemany("INSERT INTO turns (session_id, role, author_name, content, status, created_at) "
+                         "VALUES (1, ?, '', ?, ?, '2025-01-01 00:00:00')", rows)
+
+    async with await Database.open(f"sqlite+aiosqlite:///{path}") as db:
+        turns = await Repository(db).recent_turns(1, 10)
+    assert [t.status for t in turns] == [
+        TurnStatus.PENDING, TurnStatus.INTERRUPTED, TurnStatus.COMPLETE, TurnStatus.INTERRUPTED
+    ]
+
+    command.downgrade(config, "0001")
+    with closing(sqlite3.connect(path)) as conn:
+        assert [r[0] for r in conn.execute("SELECT status FROM turns ORDER BY id")] == [
+            "interrupted", "interrupted", "complete", "interrupted"
+        ]
+
+
+def test_migration_0002_is_plain_sql_on_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", "postgresql://localhost/tavernkeep")
+    capsys.readouterr()
+    command.upgrade(config, "0001:0002", sql=True)
+    script = capsys.readouterr().out
+    assert "UPDATE turns SET status='pending' WHERE turns.role = 'model' AND turns.status = 'interrupted' " \
+           "AND turns.content = ''" in script
+    assert "_alembic_tmp" not in script  # no table copy
+
+
+async def test_a_refused_write_is_told_apart_by_the_rows_not_the_driver_message(repo: Repository) -> None:
+    """A taken message id and a missing session both break a constraint; which one is read back from
+    the store, so a driver that words its errors differently changes nothing."""
+    session = await repo.start_session("discord:1")
+    await repo.append_turn(session.id, Role.USER, "one", message_ids=[42])
+    with pytest.raises(SessionNotFound):
+        await repo.append_turn(999, Role.USER, "lost", message_ids=[43])
+    with pytest.raises(DuplicateMessage):
+        await repo.append_turn(999, Role.USER, "lost", message_ids=[42])
+    with pytest.raises(SessionNotFound):
+        await repo.append_turn(999, Role.USER, "lost")
+    assert await repo.turn_by_message(43) is None

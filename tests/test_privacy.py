@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from datetime import datetime
 
@@ -14,11 +15,12 @@ import discord
 import pytest
 
 from bot.config import Settings
+from bot.discord_front.exports import COOLDOWN_RATE
 from bot.discord_front.keys import channel_key
 from cogs import privacy
 from cogs.privacy import FORGET_TIMEOUT, NotYourQuestion
-from persistence.records import Role
 from tests.discord_fixtures import bot_env, capture_interactions, start_session, stored_turns, tavern_guild
+from tests.fake_backend import FakeBackend
 
 QUIET = Settings.model_validate({"discord": {"cooldown_messages": 0}})
 USER_KEYS = {"channel", "created_at", "name", "content", "message_ids", "status"}
@@ -99,56 +101,85 @@ async def test_an_export_too_large_for_the_server_is_compressed_or_refused(db_ur
         monkeypatch.setattr(discord.Guild, "filesize_limit", property(lambda _guild: 50))
         refused = await tavern.alice.slash(tavern.channel, "privacy export")
         assert refused.ephemeral and refused.response.message.attachments == []
-        assert refused.response.content.startswith("The export is ") and "(50)" in refused.response.content
+        assert refused.response.content == (
+            "The export is larger than this server lets me upload (50 bytes), even compressed."
+        )
 
 
 # --- /privacy forget -------------------------------------------------------------------------------
 
 
-async def test_forget_asks_first_then_leaves_nothing_of_the_member(db_url):
+def callbacks(t, since: int = 0) -> list[int]:
+    """The interaction response types the bot sent (5: deferred message, 6: deferred update, 4 and 7: answers)."""
+    return [r.json["type"] for r in t.env.http_requests[since:] if r.method == "POST" and r.path.endswith("/callback")]
+
+
+async def test_forgetting_will_changes_no_one_elses_words(db_url):
+    """Will's own turns go; Alice's "what will you do?" and the character's "I will keep my blade close."
+    stay word for word, and so does every other stored turn."""
+    replies = iter(["I will keep my blade close.", "Will is brave."])
+    async with bot_env(db_url, settings=QUIET, backend=FakeBackend(lambda _prompt: next(replies))) as t:
+        tavern = tavern_guild(t.env)
+        will = tavern.guild.add_member(t.env.create_user("Will"))
+        await start_session(t, tavern)
+        await tavern.alice.send(tavern.channel, "what will you do?")
+        mine = await will.send(tavern.channel, "Will draws his sword.")
+        before = await stored_turns(t, tavern.channel)
+        assert [turn.content for turn in before] == [
+            "what will you do?", "I will keep my blade close.", "Will draws his sword.", "Will is brave."
+        ]
+
+        since = len(t.env.http_requests)
+        asked = await will.slash(tavern.channel, "privacy forget")
+        assert callbacks(t, since) == [5]  # deferred first: the count is read after Discord has its answer
+        assert asked.ephemeral and asked.response.content.startswith("Delete the 1 roleplay messages of yours")
+        assert "Other members' messages and the character's replies stay as they are." in asked.response.content
+
+        since = len(t.env.http_requests)
+        done = await will.click(asked.response, label="Delete my messages")
+        assert callbacks(t, since) == [6]  # the click is acknowledged before the delete runs
+        assert done.response.content == "Done: deleted 1 stored messages of yours."
+
+        after = await stored_turns(t, tavern.channel)
+        assert after == [turn for turn in before if turn.author_id != will.id]
+        assert [turn.content for turn in after] == [
+            "what will you do?", "I will keep my blade close.", "Will is brave."
+        ]
+        assert await t.bot.repo.turn_by_message(mine.id) is None
+        assert await t.bot.repo.count_user_turns(will.id, tavern.guild.id) == 0
+
+        nothing = await will.slash(tavern.channel, "privacy forget")
+        assert nothing.response.content.endswith("so there is nothing to delete.")
+        assert nothing.response.components == []
+
+
+async def test_forget_can_be_cancelled(db_url):
     async with bot_env(db_url, settings=QUIET) as t:
         tavern = tavern_guild(t.env)
         await start_session(t, tavern)
-        mine = [await tavern.alice.send(tavern.channel, text) for text in ("I am Alice.", "Alice waves.")]
-        replies = [m for m in tavern.channel.history() if m.author.bot]
-        await tavern.bob.send(tavern.channel, "Bob nods to Alice.")
-        bob_before = [turn for turn in await stored_turns(t, tavern.channel) if turn.author_id == tavern.bob.id]
-
+        await tavern.alice.send(tavern.channel, "I am Alice.")
         asked = await tavern.alice.slash(tavern.channel, "privacy forget")
-        assert asked.ephemeral
-        assert asked.response.content.startswith("Delete the 2 roleplay messages of yours")
-        assert '"[removed]"' in asked.response.content and "replies stay" in asked.response.content
         cancelled = await tavern.alice.click(asked.response, label="Cancel")
         assert cancelled.response.content == "Cancelled; nothing was deleted."
-        assert len(await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id)) == 2
+        assert await t.bot.repo.count_user_turns(tavern.alice.id, tavern.guild.id) == 1
 
-        asked = await tavern.alice.slash(tavern.channel, "privacy forget")
-        done = await tavern.alice.click(asked.response, label="Delete my messages")
-        assert done.response.content.startswith("Done: deleted 2 stored messages of yours")
 
-        # Nothing of Alice: no turns, no message mapping, no name; the replies themselves stay.
-        assert await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id) == []
-        for message in mine:
-            assert await t.bot.repo.turn_by_message(message.id) is None
-        turns = await stored_turns(t, tavern.channel)
-        assert all(turn.author_id != tavern.alice.id and "Alice" not in turn.content for turn in turns)
-        model = [turn for turn in turns if turn.role is Role.MODEL]
-        assert [turn.content for turn in model[:2]] == ["You said: [removed]: I am [removed].",
-                                                        "You said: [removed]: [removed] waves."]
-        assert [turn.message_ids for turn in model[:2]] == [(m.id,) for m in replies]
-        # Bob's turn is his own: kept with its author and message, only Alice's name scrubbed from it.
-        [bob_after] = [turn for turn in turns if turn.author_id == tavern.bob.id]
-        assert (bob_after.id, bob_after.author_name, bob_after.message_ids) == (
-            bob_before[0].id, "Bob", bob_before[0].message_ids
-        )
-        assert bob_after.content == "Bob nods to [removed]."
-        # The character no longer reads her name.
-        await tavern.bob.send(tavern.channel, "Where did she go?")
-        assert "Alice" not in t.backend.prompts[-1]
-
-        nothing = await tavern.alice.slash(tavern.channel, "privacy forget")
-        assert nothing.response.content.endswith("so there is nothing to delete.")
-        assert nothing.response.components == []
+@pytest.mark.parametrize("command", ["privacy export", "privacy forget", "session export"])
+async def test_exports_and_forget_have_a_per_member_cooldown(db_url, command):
+    async with bot_env(db_url, settings=QUIET) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        await tavern.admin.send(tavern.channel, "Hello.")
+        for _ in range(COOLDOWN_RATE):
+            used = await tavern.admin.slash(tavern.channel, command)
+            assert not used.response.content.startswith("Slow down")
+        since = len(t.env.http_requests)
+        refused = await tavern.admin.slash(tavern.channel, command)
+        assert refused.ephemeral and re.fullmatch(r"Slow down: try again in \d+ s\.", refused.response.content)
+        assert callbacks(t, since) == [4]  # answered at once, nothing deferred, no work done
+        # Per member: someone else is not held up by it.
+        other = await tavern.alice.slash(tavern.channel, "privacy export")
+        assert not other.response.content.startswith("Slow down")
 
 
 async def test_only_the_asker_can_confirm_forgetting(db_url):
@@ -168,7 +199,7 @@ async def test_only_the_asker_can_confirm_forgetting(db_url):
         with pytest.raises(NotYourQuestion):
             await view.interaction_check(bob_acts)
         assert await view.interaction_check(alice_asks)
-        assert len(await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id)) == 1
+        assert await t.bot.repo.count_user_turns(tavern.alice.id, tavern.guild.id) == 1
 
 
 async def test_an_unanswered_forget_question_expires_and_deletes_nothing(db_url):
@@ -178,9 +209,12 @@ async def test_an_unanswered_forget_question_expires_and_deletes_nothing(db_url)
         await tavern.alice.send(tavern.channel, "Hello.")
         await tavern.alice.slash(tavern.channel, "privacy forget")
         await t.env.advance_time(FORGET_TIMEOUT + 1)
-        [edit] = [r for r in t.env.http_requests if r.method == "PATCH" and r.path.endswith("/messages/@original")]
+        # The question itself fills in the deferred answer; the last edit takes the buttons away.
+        edits = [r for r in t.env.http_requests if r.method == "PATCH" and r.path.endswith("/messages/@original")]
+        asked, edit = edits
+        assert asked.json["components"]
         assert edit.json["content"] == "Not confirmed; nothing was deleted." and edit.json["components"] == []
-        assert len(await t.bot.repo.user_turns(tavern.alice.id, tavern.guild.id)) == 1
+        assert await t.bot.repo.count_user_turns(tavern.alice.id, tavern.guild.id) == 1
 
 
 async def test_privacy_commands_are_server_only(db_url):
@@ -210,7 +244,7 @@ async def test_session_export_pages_through_the_whole_log(db_url, monkeypatch):
 
         monkeypatch.setattr(t.bot.repo, "session_turns", counted)
         # The extension module the bot loaded (discord.py imports its own copy of it).
-        monkeypatch.setattr(sys.modules[type(t.bot.get_cog("Sessions")).__module__], "EXPORT_PAGE", 3)
+        monkeypatch.setattr(sys.modules[type(t.bot.get_cog("Sessions")).__module__], "PAGE", 3)
         result = await tavern.admin.slash(tavern.channel, "session export")
         assert result.ephemeral
         assert result.response.content == (
@@ -246,3 +280,28 @@ async def test_session_export_of_another_channel_and_of_none(db_url):
         empty = await tavern.admin.slash(tavern.channel, "session export")
         assert empty.response.content == "There is no roleplay session in #roleplay."
         assert await t.bot.repo.get_active_session(channel_key(lobby.id)) is None
+
+
+async def test_an_export_over_the_limit_stops_reading_pages(db_url, monkeypatch):
+    """The size is checked as pages are written: once even the compressed file is over the limit, no
+    further page is read from the store."""
+    async with bot_env(db_url, settings=QUIET) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        for i in range(12):
+            await tavern.alice.send(tavern.channel, f"Line {i}: " + "".join(chr(0x4E00 + (i * 97 + k) % 5000)
+                                                                            for k in range(60)))
+        pages: list[int] = []
+        real = t.bot.repo.session_turns
+
+        async def counted(session_id, *, after_id=0, limit=1000):
+            found = await real(session_id, after_id=after_id, limit=limit)
+            pages.append(len(found))
+            return found
+
+        monkeypatch.setattr(t.bot.repo, "session_turns", counted)
+        monkeypatch.setattr(sys.modules[type(t.bot.get_cog("Sessions")).__module__], "PAGE", 2)
+        monkeypatch.setattr(discord.Guild, "filesize_limit", property(lambda _guild: 600))
+        refused = await tavern.admin.slash(tavern.channel, "session export")
+        assert refused.response.content.startswith("The export is larger than this server lets me upload")
+        assert 0 < len(pages) < 12 and 0 not in pages  # stopped before the end of the log

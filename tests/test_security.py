@@ -38,12 +38,13 @@ NOT_ALLOWED = NotAllowed.user_message
 
 async def snapshot(t) -> dict[str, list[tuple]]:
     """Every row of every table, in primary-key order: equal snapshots mean nothing was written."""
-    out = {}
-    async with t.bot.repo.db.read() as s:
-        for table in Base.metadata.sorted_tables:
-            rows = await s.execute(select(table).order_by(*table.primary_key.columns))
-            out[table.name] = [tuple(row) for row in rows]
-    return out
+    def read(s) -> dict[str, list[tuple]]:
+        return {
+            table.name: [tuple(row) for row in s.execute(select(table).order_by(*table.primary_key.columns))]
+            for table in Base.metadata.sorted_tables
+        }
+
+    return await t.bot.repo.db.run(read)
 
 
 def revoke_roles(t, member) -> None:

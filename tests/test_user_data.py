@@ -36,18 +36,35 @@ async def test_user_turns_cover_one_guild_only(db_url):
         await db.close()
 
 
-async def test_forget_leaves_nothing_of_the_user_in_that_guild(db_url):
+async def test_forget_deletes_the_users_turns_of_that_guild_and_changes_nothing_else(db_url):
     db, repo, (a, b, _) = await seeded(db_url)
     try:
+        before = [t for s in (a, b) for t in await repo.session_turns(s)]
+        assert await repo.count_user_turns(1, 10) == 2
         assert await repo.forget_user(1, 10) == 2
-        assert await repo.user_turns(1, 10) == []
+        assert await repo.user_turns(1, 10) == [] and await repo.count_user_turns(1, 10) == 0
         remaining = [t for s in (a, b) for t in await repo.session_turns(s)]
-        assert all("Alice " not in t.content and t.author_id != 1 for t in remaining)
-        assert [t.content for t in remaining] == [
-            "Hello [removed], welcome! [removed]? Alicent is also here.", "hi all"]
+        assert remaining == [t for t in before if t.author_id != 1]  # every other turn as it was
+        assert [t.content for t in remaining] == ["Hello Alice, welcome! ALICE? Alicent is also here.", "hi all"]
         assert await repo.turn_by_message(100) is None
         # Another guild is untouched.
         assert [t.content for _, t in await repo.user_turns(1, 20)] == ["Alice elsewhere"]
+    finally:
+        await db.close()
+
+
+async def test_user_turns_come_in_pages(db_url):
+    db, repo, (a, _, _) = await seeded(db_url)
+    try:
+        for i in range(5):
+            await repo.append_turn(a, Role.USER, f"more {i}", author_id=1, author_name="Alice")
+        first = await repo.user_turns(1, 10, limit=3)
+        rest = await repo.user_turns(1, 10, after_id=first[-1][1].id, limit=3)
+        last = await repo.user_turns(1, 10, after_id=rest[-1][1].id, limit=3)
+        assert [t.content for _, t in first + rest + last] == [
+            "I am Alice", "Alice again", "more 0", "more 1", "more 2", "more 3", "more 4"
+        ]
+        assert len(last) == 1
     finally:
         await db.close()
 

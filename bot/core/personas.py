@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from bot.core.sessions import ChatService
 from bot.errors import TavernError
 from persistence.errors import PersonaExists
+from persistence.errors import PersonaInUse as StorePersonaInUse
 from persistence.records import ChannelSession, Persona
 from persistence.repository import Repository
 
@@ -30,6 +31,18 @@ class PersonaNameTaken(TavernError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f'A persona called "{name}" already exists here. Pick another name, or use /persona edit.')
+
+
+class PersonaInUse(TavernError):
+    """A persona that open channel sessions play cannot be deleted; `channel_keys` names them."""
+
+    def __init__(self, name: str, channel_keys: tuple[str, ...]) -> None:
+        self.name = name
+        self.channel_keys = channel_keys
+        super().__init__(
+            f'The persona "{name}" is played in {len(channel_keys)} channel(s); give them another one first '
+            "(/persona use), or reset them."
+        )
 
 
 class InvalidPersona(TavernError):
@@ -93,6 +106,17 @@ async def update_persona(service: ChatService, guild_id: int, name: str, text: s
     if persona is None:
         raise UnknownPersona(name)
     return persona
+
+
+async def delete_persona(repo: Repository, guild_id: int, name: str) -> None:
+    """Delete the guild's persona; UnknownPersona if absent, PersonaInUse while a channel plays it
+    (a running or paused session: it would be left with no character to answer as)."""
+    try:
+        deleted = await repo.delete_persona(guild_id, name)
+    except StorePersonaInUse as exc:
+        raise PersonaInUse(name, exc.channel_keys) from exc
+    if not deleted:
+        raise UnknownPersona(name)
 
 
 async def matching_names(repo: Repository, guild_id: int, typed: str) -> list[str]:

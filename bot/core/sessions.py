@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import Settings
-from bot.errors import PersonaTooLarge
+from bot.errors import PersonaMissing, PersonaTooLarge
 from bot.inference.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
 from bot.prompt.builder import (
     Conversation,
@@ -207,13 +207,13 @@ class ChatService:
         """Start a reply to the session's stored history (queued fairly with other channels).
 
         With `reserve`, the reply's model turn is stored right after the history is read (empty,
-        interrupted) and `save()` fills it in, so messages stored while the reply is being written
+        pending) and `save()` fills it in, so messages stored while the reply is being written
         come after it, as they do in a channel.
         """
         turns = await self._window(session)
         if not reserve:
             return self._stream(session, turns, continue_last=False)
-        reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED)
+        reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING)
         try:
             return self._stream(session, turns, continue_last=False, into=reserved)
         except Exception:
@@ -243,6 +243,8 @@ class ChatService:
         continues: Turn | None = None,
         into: Turn | None = None,
     ) -> ReplyStream:
+        if not session.persona_text.strip():
+            raise PersonaMissing()
         character = session.persona_name or ""
         # As the prompt shows them, so the stops name no member by the character's own name.
         speakers = tuple(dict.fromkeys(

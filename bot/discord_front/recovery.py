@@ -58,7 +58,7 @@ def channel_id_of(channel_key: str) -> int | None:
 
 def is_reserved_leftover(turn: Turn) -> bool:
     """True for a model turn reserved by a reply that never stored its text."""
-    return turn.role is Role.MODEL and turn.status is TurnStatus.INTERRUPTED and not turn.content
+    return turn.status is TurnStatus.PENDING
 
 
 @dataclass(frozen=True, slots=True)
