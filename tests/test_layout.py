@@ -108,8 +108,6 @@ def test_persistence_imports_nothing_of_the_bot() -> None:
     assert violations(("persistence",), ("bot", "cogs", "discord")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="cogs/sessions.py imports cogs.personas (persona_autocomplete) and "
-                   "cogs.privacy (send_export) until those move out of the cogs")
 def test_no_cog_imports_another_cog() -> None:
     found = sorted(
         f"{module.name} imports {name}"
