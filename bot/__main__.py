@@ -34,8 +34,8 @@ EXIT_CONFIG = 2
 # Seconds running replies get to finish after SIGINT/SIGTERM before they are cut (and stored as interrupted).
 SHUTDOWN_GRACE = 30.0
 INTENTS_HELP = (
-    "Discord refused the bot's privileged intents: enable \"Message Content Intent\" and \"Server Members "
-    "Intent\" for this bot in the Discord developer portal (your application → Bot → Privileged Gateway Intents)"
+    "Discord refused the bot's privileged intent: enable \"Message Content Intent\" for this bot in the "
+    "Discord developer portal (your application → Bot → Privileged Gateway Intents)"
 )
 
 

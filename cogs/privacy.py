@@ -22,6 +22,7 @@ from discord.ext import commands
 
 from bot.discord_front.errors import TavernView
 from bot.discord_front.permissions import require_guild
+from bot.discord_front.keys import CHANNEL_KEY_PREFIX
 from bot.errors import TavernError
 from persistence.records import Turn
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORGET_TIMEOUT = 120.0
-CHANNEL_PREFIX = "discord:"
 
 NOTHING_STORED = "I have no roleplay messages of yours stored in this server, so there is nothing to {verb}."
 EXPORT_TOO_LARGE = "The export is {size:,} bytes even compressed, more than this server lets me upload ({limit:,})."
@@ -53,7 +53,7 @@ class NotYourQuestion(TavernError):
 
 def channel_of(channel_key: str) -> str:
     """The channel id a session key names (as a string, like Discord's API), or the key itself."""
-    return channel_key.removeprefix(CHANNEL_PREFIX)
+    return channel_key.removeprefix(CHANNEL_KEY_PREFIX)
 
 
 def jsonl(records: Iterable[Mapping[str, Any]]) -> bytes:
