@@ -21,8 +21,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_front.errors import TavernView
-from bot.discord_front.permissions import require_guild
 from bot.discord_front.keys import CHANNEL_KEY_PREFIX
+from bot.discord_front.permissions import require_guild
 from bot.errors import TavernError
 from persistence.records import Turn
 

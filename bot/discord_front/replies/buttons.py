@@ -45,7 +45,8 @@ class PressCooldown:
 
     def check(self, interaction: discord.Interaction) -> tuple[float, bool] | None:
         """None if the press may go ahead; else (seconds to wait, whether to tell the member now)."""
-        now = asyncio.get_running_loop().time()
+        # discord.py takes a `current` of 0.0 for "none given" and reads the wall clock instead.
+        now = asyncio.get_running_loop().time() or 1e-9
         retry_after = self._mapping.update_rate_limit(interaction, now)
         key = _member_key(interaction)
         if retry_after is None:
