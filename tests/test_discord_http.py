@@ -84,10 +84,7 @@ class FakeDiscord:
         if kind == "typing" or request.method == "DELETE":
             return web.Response(status=204, headers=RATE_HEADERS)
         body = json.loads(await request.text() or "{}")
-        if request.method == "POST":
-            message_id = next(self._ids)
-        else:
-            message_id = int(path.rsplit("/", 1)[1])
+        message_id = next(self._ids) if request.method == "POST" else int(path.rsplit("/", 1)[1])
         if "content" in body:
             self.messages[message_id] = body["content"]
         return as_json(self.message(message_id, self.messages.get(message_id, "")), headers=RATE_HEADERS)
