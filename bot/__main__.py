@@ -20,8 +20,8 @@ from persistence.backup import BackupError, backup_database
 
 EXIT_CONFIG = 2
 INTENTS_HELP = (
-    "Discord refused the bot's privileged intents: enable \"Message Content Intent\" and \"Server Members "
-    "Intent\" for this bot in the Discord developer portal (your application → Bot → Privileged Gateway Intents)"
+    "Discord refused the bot's privileged intent: enable \"Message Content Intent\" for this bot in the "
+    "Discord developer portal (your application → Bot → Privileged Gateway Intents)"
 )
 
 

@@ -104,6 +104,12 @@ class DiscordSettings(_Section):
     after_crash: Literal["reply", "notice"] = Field(
         "reply", description="a reply cut off by a crash: write it again, or post a short notice"
     )
+    recovery_max_age_seconds: float = Field(
+        3600.0, ge=0, le=7 * 86400, description="a reply cut off by a crash longer ago than this is not answered"
+    )
+    reply_delay_seconds: float = Field(
+        1.5, ge=0, le=10, description="wait before answering, so a proxy's webhook repost is answered once"
+    )
     cooldown_messages: int = Field(5, ge=0, le=1000, description="messages one user may send per window; 0 = off")
     cooldown_seconds: float = Field(30.0, gt=0, le=3600, description="the per-user rate window")
 

@@ -14,7 +14,7 @@ from discord.ext import commands
 from bot.core import personas
 from bot.discord_front.autocomplete import persona_autocomplete
 from bot.discord_front.errors import TavernModal
-from bot.discord_front.keys import channel_id, interaction_channel_key
+from bot.discord_front.keys import channel_id_of, interaction_channel_key
 from bot.discord_front.permissions import admin_only, require_admin, require_guild
 from bot.errors import TavernError
 from persistence.records import Persona
@@ -111,7 +111,9 @@ class Personas(commands.GroupCog, group_name="persona", group_description="The c
         try:
             await personas.delete_persona(self.bot.repo, guild.id, name)
         except personas.PersonaInUse as exc:
-            channels = ", ".join(f"<#{channel_id(key)}>" for key in exc.channel_keys)
+            channels = ", ".join(
+                f"<#{cid}>" if (cid := channel_id_of(key)) is not None else key for key in exc.channel_keys
+            )
             raise TavernError(
                 f'"{discord.utils.escape_markdown(name)}" is the persona of {channels}; give those channels '
                 "another one (/persona use) or reset them before deleting it."

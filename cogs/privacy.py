@@ -19,6 +19,7 @@ from discord.ext import commands
 
 from bot.discord_front.errors import TavernView
 from bot.discord_front.exports import COOLDOWN_RATE, COOLDOWN_SECONDS, PAGE, per_member, send_export
+from bot.discord_front.keys import CHANNEL_KEY_PREFIX
 from bot.discord_front.permissions import require_guild
 from bot.errors import TavernError
 from persistence.records import Turn
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORGET_TIMEOUT = 120.0
-CHANNEL_PREFIX = "discord:"
 
 NOTHING_STORED = "I have no roleplay messages of yours stored in this server, so there is nothing to {verb}."
 FORGET_QUESTION = (
@@ -51,7 +51,7 @@ class NotYourQuestion(TavernError):
 
 def channel_of(channel_key: str) -> str:
     """The channel id a session key names (as a string, like Discord's API), or the key itself."""
-    return channel_key.removeprefix(CHANNEL_PREFIX)
+    return channel_key.removeprefix(CHANNEL_KEY_PREFIX)
 
 
 def user_turn_record(item: tuple[str, Turn]) -> dict[str, Any]:

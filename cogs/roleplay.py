@@ -11,55 +11,17 @@ ignored. Messages sent while the bot was away are read back from the channel on 
 from __future__ import annotations
 
 import logging
-import re
 
 import discord
 from discord.ext import commands
 
-from bot.core.sessions import Speaker
 from bot.discord_front.client import TavernBot
 from bot.discord_front.keys import channel_key
 from bot.discord_front.replies import SAVE_FAILED_NOTICE, ReplyChannel, context_of
 from persistence.errors import DuplicateMessage
-from persistence.records import ChannelSession, Role
+from persistence.records import Role
 
 log = logging.getLogger(__name__)
-
-_USER_MENTION = re.compile(r"<@!?(\d+)>")
-_ROLE_MENTION = re.compile(r"<@&(\d+)>")
-_CHANNEL_MENTION = re.compile(r"<#(\d+)>")
-_SPACES = re.compile(r"[ \t]{2,}")
-
-
-def prompt_text(message: discord.Message, bot_id: int) -> str:
-    """The message as the model should read it: the bot's mention removed, other mentions as names."""
-    users = {user.id: user.display_name for user in message.mentions}
-    roles = {role.id: role.name for role in message.role_mentions}
-    channels = {channel.id: getattr(channel, "name", "channel") for channel in message.channel_mentions}
-
-    def user(match: re.Match[str]) -> str:
-        user_id = int(match[1])
-        return "" if user_id == bot_id else "@" + users.get(user_id, "someone")
-
-    text = _USER_MENTION.sub(user, message.content)
-    text = _ROLE_MENTION.sub(lambda m: "@" + roles.get(int(m[1]), "role"), text)
-    text = _CHANNEL_MENTION.sub(lambda m: "#" + channels.get(int(m[1]), "channel"), text)
-    return _SPACES.sub(" ", text).strip()
-
-
-def mentions_bot(message: discord.Message, bot_id: int) -> bool:
-    """True if the message mentions the bot or replies to one of its messages."""
-    if any(user.id == bot_id for user in message.mentions):
-        return True
-    resolved = message.reference.resolved if message.reference else None
-    return isinstance(resolved, discord.Message) and resolved.author.id == bot_id
-
-
-def is_person_message(message: discord.Message) -> bool:
-    """A plain (or reply) message a person wrote in a server: the only kind roleplay takes."""
-    if message.author.bot or message.webhook_id is not None or message.guild is None:
-        return False
-    return message.type in (discord.MessageType.default, discord.MessageType.reply)
 
 
 class Roleplay(commands.Cog):
@@ -68,26 +30,10 @@ class Roleplay(commands.Cog):
     def __init__(self, bot: TavernBot) -> None:
         self.bot = bot
 
-    @property
-    def _bot_id(self) -> int:
-        assert self.bot.user is not None
-        return self.bot.user.id
-
-    def _wants(self, session: ChannelSession | None, message: discord.Message, text: str) -> bool:
-        """Whether the session's channel settings let this message in."""
-        if session is None or not session.active or not text:
-            return False
-        defaults = self.bot.settings.discord
-        prefix = str(session.settings.get("ignore_prefix", defaults.ignore_prefix))
-        if prefix and (message.content.lstrip().startswith(prefix) or text.startswith(prefix)):
-            return False  # out of character
-        mode = session.settings.get("reply_mode", defaults.reply_mode)
-        return mode != "mention" or mentions_bot(message, self._bot_id)
-
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         """Store a roleplay message as a turn, then ask for a reply."""
-        if not is_person_message(message):
+        if not self.bot.intake.is_person_message(message):
             return
         if not self.bot.accepting or not isinstance(message.channel, ReplyChannel):
             return
@@ -96,13 +42,13 @@ class Roleplay(commands.Cog):
             # are FIFO), so a burst is stored in the order it was sent even when lookups finish out of order.
             async with self.bot.replies.storing(message.channel.id):
                 session = await self.bot.repo.get_active_session(channel_key(message.channel.id))
-                text = prompt_text(message, self._bot_id)
-                if not self._wants(session, message, text):
+                taken = self.bot.intake.take(message, session)
+                if taken is None:
                     return
                 assert session is not None
                 if not await self.bot.cooldown.admit(message):
                     return  # over the member's message limit: told so, neither stored nor answered
-                speaker = Speaker(message.author.id, message.author.display_name)
+                speaker, text = taken
                 await self.bot.service.add_user_turn(session, speaker, text, message_id=message.id)
         except DuplicateMessage:
             return  # a replayed MESSAGE_CREATE: this message was stored (and answered) already
@@ -118,16 +64,23 @@ class Roleplay(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        """A user who edits a stored message changes that turn."""
+        """A member who edits a stored message changes that turn; an edit that leaves no visible text or
+        makes the message out of character takes the turn out of the story."""
         message = payload.message
-        if "content" not in payload.data or message.author.bot or message.webhook_id is not None:
-            return  # the bot's own streaming edits, embeds being unfurled
+        if "content" not in payload.data or not self.bot.intake.is_person_message(message):
+            return  # the bot's own streaming edits, other bots, embeds being unfurled
         try:
             turn = await self.bot.repo.turn_by_message(message.id)
             if turn is None or turn.role is not Role.USER:
                 return
-            text = prompt_text(message, self._bot_id)
-            if text and text != turn.content:
+            session = await self.bot.repo.get_active_session(channel_key(payload.channel_id))
+            if session is not None and session.id != turn.session_id:
+                session = None  # a turn of an archived session: the configured prefix applies
+            text = self.bot.intake.edited_text(message, session)
+            if text is None:
+                await self.bot.repo.delete_turn(turn.id)
+                log.debug("turn %s removed by an edit of message %s", turn.id, message.id)
+            elif text != turn.content:
                 await self.bot.repo.edit_turn(turn.id, text)
         except Exception:
             log.exception("cannot apply a message edit (%s)", context_of(message.channel, message.author))
@@ -163,16 +116,7 @@ class Roleplay(commands.Cog):
     async def on_ready(self) -> None:
         """After a restart or a new gateway session: answer what a crash or the time away left hanging."""
         if self.bot.accepting:
-            await self.bot.recovery.resume(self.bot.get_channel, self.missed_turn)
-
-    def missed_turn(self, message: discord.Message, session: ChannelSession) -> tuple[Speaker, str] | None:
-        """What to store for a message sent while the bot was away, or None if it would not be taken live."""
-        if not is_person_message(message):
-            return None
-        text = prompt_text(message, self._bot_id)
-        if not self._wants(session, message, text):
-            return None
-        return Speaker(message.author.id, message.author.display_name), text
+            await self.bot.recovery.resume(self.bot.get_channel)
 
 
 async def setup(bot: TavernBot) -> None:

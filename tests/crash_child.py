@@ -101,6 +101,7 @@ def main(argv: list[str]) -> int:
     db_file, grace = argv[0], float(argv[1])
     os.environ["DISCORD_TOKEN"] = "not-a-real-token"
     os.environ["TAVERNKEEP_DATABASE_URL"] = f"sqlite+aiosqlite:///{db_file}"
+    os.environ["TAVERNKEEP_DISCORD_REPLY_DELAY_SECONDS"] = "0"  # SimCord's clock stands still here
     backend = FakeBackend(STORY, token_delay=TOKEN_DELAY)
     app.model_path_for = lambda _settings: "model.gguf"
     app.llama_engine = lambda _settings, _path: fake_engine(backend)

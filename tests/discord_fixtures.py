@@ -50,10 +50,12 @@ class BotEnv:
     database: Database
     settings: Settings
     edit_interval: float
+    reply_delay: float | None = 0.0
 
     def fresh_bot(self) -> TavernBot:
         """A new bot over the same settings, engine and database (what a process restart builds)."""
-        return create_bot(self.settings, engine=self.engine, database=self.database, edit_interval=self.edit_interval)
+        return create_bot(self.settings, engine=self.engine, database=self.database,
+                          edit_interval=self.edit_interval, reply_delay=self.reply_delay)
 
     async def restart(self) -> TavernBot:
         """Restart with a fresh bot object: new READY, guilds replayed, `setup_hook` run again."""
@@ -70,9 +72,13 @@ async def bot_env(
     engine: Engine | None = None,
     settings: Settings | None = None,
     edit_interval: float = 0.05,
+    reply_delay: float | None = 0.0,
     **simcord_options: Any,
 ) -> AsyncIterator[BotEnv]:
     """Open the database, start the engine (a FakeBackend one unless `engine` is given), run the bot.
+
+    Replies start at once (`reply_delay` 0) unless a test passes a delay, or None for the configured one:
+    SimCord's clock only moves when a test advances it.
 
     `simcord_options` go to `simcord.run` (e.g. `settle_timeout=30`). Everything is closed on exit.
     """
@@ -85,9 +91,10 @@ async def bot_env(
                                  queue_size=settings.engine.queue_size)
         await engine.start()
         try:
-            bot = create_bot(settings, engine=engine, database=database, edit_interval=edit_interval)
+            bot = create_bot(settings, engine=engine, database=database, edit_interval=edit_interval,
+                             reply_delay=reply_delay)
             async with simcord.run(bot, **simcord_options) as env:
-                yield BotEnv(env, bot, engine, backend, database, settings, edit_interval)
+                yield BotEnv(env, bot, engine, backend, database, settings, edit_interval, reply_delay)
         finally:
             await engine.close(grace=0)
     finally:

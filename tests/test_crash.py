@@ -118,7 +118,8 @@ async def start_again(db_file: Path, settings: Settings, world_ids: dict[str, in
             world = build_world(env)
             assert world.ids() == world_ids, "SimCord gave the rebuilt world other ids"
             for _ in range(times):
-                await env.restart_bot(create_bot(settings, engine=engine, database=database, edit_interval=0.05))
+                await env.restart_bot(create_bot(settings, engine=engine, database=database, edit_interval=0.05,
+                                                  reply_delay=0))
                 await env.settle()
                 seen.append([m.content for m in world.channel.history() if m.author.bot])
             deletes = [r.path for r in env.http_requests if r.method == "DELETE"]

@@ -18,6 +18,7 @@ from bot.config import Settings
 from bot.core.sessions import ChatService
 from bot.discord_front.cooldowns import MessageCooldown
 from bot.discord_front.errors import install_error_handler
+from bot.discord_front.intake import Intake
 from bot.discord_front.recovery import Recovery
 from bot.discord_front.replies import ChannelReplies, ReplyButtons
 from bot.inference.engine import Engine
@@ -34,6 +35,9 @@ COMMAND_HASH_KEY = "discord.command_tree_sha256.{application_id}"
 
 # After the engine's grace period, how long reply tasks get for their last edits and saves.
 REPLY_DRAIN_SECONDS = 15.0
+# discord.py waits out rate limits up to this long inside a call (30 s is its smallest allowed value);
+# a longer one raises `discord.RateLimited`, and a streaming edit that meets it is skipped.
+MAX_RATELIMIT_WAIT = 30.0
 
 
 def command_tree_hash(tree: discord.app_commands.CommandTree[Any]) -> str:
@@ -47,10 +51,19 @@ def command_tree_hash(tree: discord.app_commands.CommandTree[Any]) -> str:
 class TavernBot(commands.Bot):
     """Tavernkeep on Discord: roleplay replies in channels with an active session, plus slash commands."""
 
-    def __init__(self, settings: Settings, *, engine: Engine, database: Database, edit_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine,
+        database: Database,
+        edit_interval: float = 1.0,
+        reply_delay: float | None = None,
+    ) -> None:
+        # Message Content is the only privileged intent: message authors and interaction users come
+        # with their member data and permissions, so no member list is fetched or cached.
         intents = discord.Intents.default()
         intents.message_content = True
-        intents.members = True
         super().__init__(
             # No prefix commands: everything is a slash command, and `on_message` below is a no-op.
             command_prefix=commands.when_mentioned,
@@ -58,6 +71,7 @@ class TavernBot(commands.Bot):
             intents=intents,
             # Generated text may contain @everyone or role mentions: never let any of them ping.
             allowed_mentions=discord.AllowedMentions.none(),
+            max_ratelimit_timeout=MAX_RATELIMIT_WAIT,
         )
         self.settings = settings
         self.engine = engine
@@ -65,11 +79,16 @@ class TavernBot(commands.Bot):
         self.repo = Repository(database)
         self.service = ChatService(self.repo, engine, settings)
         self.replies = ChannelReplies(
-            self.service, edit_interval=edit_interval, queue_limit=settings.engine.per_channel_queue
+            self.service,
+            edit_interval=edit_interval,
+            queue_limit=settings.engine.per_channel_queue,
+            reply_delay=settings.discord.reply_delay_seconds if reply_delay is None else reply_delay,
         )
         self.cooldown = MessageCooldown(settings.discord.cooldown_messages, settings.discord.cooldown_seconds)
+        # Which messages roleplay takes, live and when catching up.
+        self.intake = Intake(self, settings.discord)
         # Answers what a crash or an outage left unanswered (see `cogs.roleplay.Roleplay.on_ready`).
-        self.recovery = Recovery(self.service, self.replies, settings.discord)
+        self.recovery = Recovery(self.service, self.replies, self.intake, settings.discord)
         self.started_at = discord.utils.utcnow()
         self._shutting_down = False
 
@@ -151,14 +170,22 @@ class TavernBot(commands.Bot):
         await self.close()
 
 
-def create_bot(settings: Settings, *, engine: Engine, database: Database, edit_interval: float = 1.0) -> TavernBot:
+def create_bot(
+    settings: Settings,
+    *,
+    engine: Engine,
+    database: Database,
+    edit_interval: float = 1.0,
+    reply_delay: float | None = None,
+) -> TavernBot:
     """Build the bot over a started engine and an open database.
 
-    `edit_interval` is the pause between streaming edits of a reply, in seconds.
+    `edit_interval` is the pause between streaming edits of a reply, in seconds; `reply_delay`, if
+    given, replaces `discord.reply_delay_seconds`.
     If `discord.api_base_url` is set, REST calls go there (e.g. a rate-limit proxy). discord.py keeps
     that base in the class attribute `discord.http.Route.BASE`, so it applies to the whole process.
     """
     if settings.discord.api_base_url:
         discord.http.Route.BASE = settings.discord.api_base_url.rstrip("/")
         log.info("Discord REST calls go to %s", discord.http.Route.BASE)
-    return TavernBot(settings, engine=engine, database=database, edit_interval=edit_interval)
+    return TavernBot(settings, engine=engine, database=database, edit_interval=edit_interval, reply_delay=reply_delay)

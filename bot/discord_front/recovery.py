@@ -2,13 +2,16 @@
 
 Two things can leave a roleplay channel without an answer when the bot starts again:
 
-- A crash mid-reply. A reply reserves its model turn (empty, interrupted) when it starts and maps each
+- A crash mid-reply. A reply reserves its model turn (empty, pending) when it starts and maps each
   message it posts to that turn at once (see `ChatService.reply(reserve=True)` and
   `bot.discord_front.replies`); the text is only stored when the reply is done. After a crash the turn is
-  still empty: nothing half-written is ever stored as a reply. `scan` finds such turns in
+  still reserved: nothing half-written is ever stored as a reply. `scan` finds such turns in
   `setup_hook`, before any event is handled, so a reply this process starts is never mistaken for
-  one. On the first `on_ready` the half-written messages are deleted, the empty turn is dropped, and
-  the unanswered message gets a fresh reply or a short notice (`discord.after_crash`).
+  one. On the first `on_ready` the half-written messages are deleted, the reserved turn is dropped,
+  and, if the crash was at most `discord.recovery_max_age_seconds` ago, the message it was answering
+  gets a fresh reply or a short notice (`discord.after_crash`). Only a reserved turn proves a crash:
+  a channel whose newest turn is a user turn for any other reason (its reply was refused with a notice:
+  queue full, message too large, empty reply) is left alone.
 - Messages sent while the bot was away. On every `on_ready` (a restart, or a reconnect with a new
   gateway session) each active channel's history is read back, at most `discord.catch_up_limit`
   messages, newest first. Messages newer than the newest one stored for the session are stored in
@@ -23,11 +26,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import discord
 
 from bot.config import DiscordSettings
-from bot.core.sessions import ChatService, Speaker
+from bot.core.sessions import ChatService
+from bot.discord_front.intake import Intake
+from bot.discord_front.keys import channel_id_of
 from bot.discord_front.replies import ChannelReplies, ReplyChannel
 from persistence.errors import DuplicateMessage
 from persistence.records import ChannelSession, Role, Turn, TurnStatus
@@ -37,27 +43,14 @@ log = logging.getLogger(__name__)
 CRASH_NOTICE = "*I was restarted before I could finish my reply. Say something to carry on.*"
 # Meta key of the newest user turn a crash notice was posted for: one notice per unanswered turn.
 NOTICE_KEY = "recovery.crash_notice.{session_id}"
-CHANNEL_KEY_PREFIX = "discord:"
 # Newest turns read per session to find a reply cut short by a crash.
 SCAN_TURNS = 16
 
-# Turns a missed message into what is stored for it, or None if it is not for the roleplay.
-MessageParser = Callable[[discord.Message, ChannelSession], tuple[Speaker, str] | None]
 ChannelLookup = Callable[[int], object]
 
 
-def channel_id_of(channel_key: str) -> int | None:
-    """The Discord channel id of a session key (None for sessions of other front ends)."""
-    if not channel_key.startswith(CHANNEL_KEY_PREFIX):
-        return None
-    try:
-        return int(channel_key.removeprefix(CHANNEL_KEY_PREFIX))
-    except ValueError:
-        return None
-
-
 def is_reserved_leftover(turn: Turn) -> bool:
-    """True for a model turn reserved by a reply that never stored its text."""
+    """True for a model turn reserved by a reply that never stored its text (the one crash predicate)."""
     return turn.status is TurnStatus.PENDING
 
 
@@ -73,10 +66,20 @@ class CrashLeftover:
 class Recovery:
     """Crash recovery (once per process) and catch-up (on every `on_ready`) for Discord channels."""
 
-    def __init__(self, service: ChatService, replies: ChannelReplies, settings: DiscordSettings) -> None:
+    def __init__(
+        self,
+        service: ChatService,
+        replies: ChannelReplies,
+        intake: Intake,
+        settings: DiscordSettings,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.service = service
         self.replies = replies
+        self.intake = intake
         self.settings = settings
+        self._clock = clock
         self._leftovers: dict[int, CrashLeftover] | None = None
         self._lock = asyncio.Lock()
 
@@ -85,21 +88,38 @@ class Recovery:
         if self._leftovers is not None:
             return
         self._leftovers = {}
-        repo = self.service.repo
-        for session in await repo.list_active_sessions():
+        oldest = self._clock() - timedelta(seconds=self.settings.recovery_max_age_seconds)
+        for session in await self.service.repo.list_active_sessions():
             channel_id = channel_id_of(session.channel_key)
             if channel_id is None:
                 continue
-            turns = await repo.recent_turns(session.id, SCAN_TURNS)
-            reserved = tuple(t for t in turns if is_reserved_leftover(t))
-            rest = [t for t in turns if not is_reserved_leftover(t)]
-            unanswered = rest[-1] if rest and rest[-1].role is Role.USER else None
-            if reserved or unanswered is not None:
-                self._leftovers[channel_id] = CrashLeftover(session, reserved, unanswered)
+            try:
+                leftover = await self._scan_session(session, oldest)
+            except Exception:
+                log.exception("cannot check channel %s (session %s) for a reply cut short; checking the others",
+                              channel_id, session.id)
+                continue
+            if leftover is not None:
+                self._leftovers[channel_id] = leftover
         if self._leftovers:
             log.info("%d channel(s) were left unanswered by the previous run", len(self._leftovers))
 
-    async def resume(self, get_channel: ChannelLookup, parse: MessageParser) -> None:
+    async def _scan_session(self, session: ChannelSession, oldest: datetime) -> CrashLeftover | None:
+        """The crash leftover of one session: its reserved turns, and the user turn the newest of them
+        was answering if the crash was after `oldest`."""
+        turns = await self.service.repo.recent_turns(session.id, SCAN_TURNS)
+        reserved = tuple(t for t in turns if is_reserved_leftover(t))
+        if not reserved:
+            return None
+        rest = [t for t in turns if not is_reserved_leftover(t)]
+        unanswered = rest[-1] if rest and rest[-1].role is Role.USER else None
+        if reserved[-1].created_at < oldest:
+            log.info("a reply in session %s was cut short at %s, too long ago to answer now",
+                     session.id, reserved[-1].created_at.isoformat(timespec="seconds"))
+            unanswered = None
+        return CrashLeftover(session, reserved, unanswered)
+
+    async def resume(self, get_channel: ChannelLookup) -> None:
         """After READY: clear crash leftovers (first time only), catch up on missed messages, answer."""
         async with self._lock:
             if self._leftovers is None:
@@ -119,12 +139,12 @@ class Recovery:
                         self._leftovers[channel_id] = leftover  # a later READY may bring the channel
                     continue
                 try:
-                    await self._resume_channel(channel, session, leftover, parse)
+                    await self._resume_channel(channel, session, leftover)
                 except Exception:
                     log.exception("cannot resume roleplay in channel %s (session %s)", channel_id, session.id)
 
     async def _resume_channel(
-        self, channel: ReplyChannel, session: ChannelSession, leftover: CrashLeftover | None, parse: MessageParser
+        self, channel: ReplyChannel, session: ChannelSession, leftover: CrashLeftover | None
     ) -> None:
         repo = self.service.repo
         async with self.replies.storing(channel.id):
@@ -135,7 +155,7 @@ class Recovery:
                     await repo.delete_turn(turn.id)
                     log.info("dropped a reply cut short by a crash in channel %s (turn %s, %d message(s))",
                              channel.id, turn.id, len(turn.message_ids))
-            caught = await self._catch_up(channel, session, parse)
+            caught = await self._catch_up(channel, session)
             latest = await repo.latest_turn(session.id)
         if caught:
             self.replies.request_reply(channel, None)  # one reply answers the missed messages (and any crash)
@@ -152,7 +172,7 @@ class Recovery:
         await self.replies.announce(channel, CRASH_NOTICE)
         await repo.set_meta(key, str(latest.id))
 
-    async def _catch_up(self, channel: ReplyChannel, session: ChannelSession, parse: MessageParser) -> int:
+    async def _catch_up(self, channel: ReplyChannel, session: ChannelSession) -> int:
         """Store the messages sent since the newest stored one (oldest first); return how many."""
         if self.settings.catch_up == "skip":
             return 0
@@ -173,7 +193,7 @@ class Recovery:
             return 0
         stored = 0
         for message in reversed(missed):
-            parsed = parse(message, session)
+            parsed = self.intake.take(message, session)
             if parsed is None:
                 continue
             speaker, text = parsed

@@ -1,38 +1,46 @@
-"""Discord replies: stream a ReplyStream into channel messages, one reply per channel at a time.
+"""The reply flow: one job queue per channel, and what each job (reply, regenerate, continue) does.
 
 Every channel has a small job queue worked by one task. A new message is stored at once (by the
 roleplay cog) and asks for a reply; Regenerate and Continue clicks rework the latest reply. Requests
 for a reply that arrive while one is waiting are merged into it: everything said meanwhile is
 answered by the next reply, so a busy channel costs one generation per round, not one per message.
-A reply reserves its model turn when it reads the history (under the channel's storing lock), so
-messages sent while it is written come after it in the history, as they do in the channel, and the
-next reply sees them after it.
+A reply waits `reply_delay` seconds after it is asked for before it reads the history, so a message
+a proxy (PluralKit, Tupperbox) deletes and reposts through a webhook at once is answered once, as the
+repost. A reply reserves its model turn when it reads the history (under the channel's storing lock),
+so messages sent while it is written come after it in the history, as they do in the channel, and
+the next reply sees them after it.
 
 A reply is shown by posting a message at the first text and editing it about once per
 `edit_interval` seconds (measured with `time.perf_counter`); the final edit carries the exact text
-and the Regenerate/Continue buttons. Replies longer than Discord's limit continue in follow-up
-messages, split by `split_message`.
+and the Regenerate/Continue buttons (`bot.discord_front.replies.render`, `.buttons`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, TypeVar
 
-import aiohttp
 import discord
 
 from bot.core.sessions import ChatService, ReplyStream
-from bot.discord_front.errors import TavernView, send_error
+from bot.discord_front.errors import send_error
 from bot.discord_front.keys import channel_key
+from bot.discord_front.replies.buttons import JobKind, PressCooldown, ReplyButtons
+from bot.discord_front.replies.render import (
+    QueueNotice,
+    ReplyChannel,
+    ReplyDeleted,
+    ReplyMessages,
+    context_of,
+    is_transient,
+    split_message,
+    typing_in,
+)
 from bot.errors import EngineClosed, TavernError
 from bot.inference.engine import Queued, Started, Text
 from bot.prompt.builder import MessageTooLarge, PromptTooLarge
@@ -40,15 +48,6 @@ from persistence.records import ChannelSession, Role, Turn
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-JobKind = Literal["reply", "regenerate", "continue"]
-ReplyChannel = discord.TextChannel | discord.Thread | discord.VoiceChannel | discord.StageChannel
-
-MESSAGE_LIMIT = 2000
-REGENERATE_ID = "tavernkeep:regenerate"
-CONTINUE_ID = "tavernkeep:continue"
-
-QUEUE_NOTICE = "Waiting for the model — position {position}"
 EMPTY_NOTICE = "*The character has nothing to say. Try again or rephrase.*"
 TIMEOUT_NOTICE = "*The reply hit the time limit and was cut short.*"
 CANCELLED_NOTICE = "*The reply was cancelled.*"
@@ -72,263 +71,11 @@ RECENT_LOOKBACK = 16
 MAX_EDIT_BACKOFF = 30.0
 
 
-# --- splitting ------------------------------------------------------------------------------------
-
-# The end of a sentence: punctuation, any closing quotes/brackets/markdown, then whitespace.
-_SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]*_~]*(?=\s)")
-
-
-def _cut_point(text: str, limit: int) -> int:
-    """Length of the first part of `text` (longer than `limit`, not starting with whitespace)."""
-    # A boundary in the first half would make a needlessly short message; prefer a finer one.
-    floor = limit // 2
-    for separator in ("\n\n", "\n"):
-        # The separator must start within the limit; it is dropped with the split whitespace.
-        index = text.rfind(separator, 1, limit + len(separator))
-        if index >= floor:
-            return index
-    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, limit + 1) if m.end() <= limit]
-    if ends and ends[-1] >= floor:
-        return ends[-1]
-    for index in range(limit, 0, -1):
-        if text[index].isspace():
-            return index
-    return limit
-
-
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Split `text` into Discord messages of at most `limit` characters.
-
-    Cuts fall at a paragraph break, else a line break, else a sentence end, else a space, else
-    mid-word. The whitespace at each cut and around the whole text is dropped (Discord trims it
-    anyway); nothing else is. Blank text gives no parts.
-    """
-    if limit < 1:
-        raise ValueError("limit must be positive")
-    parts: list[str] = []
-    rest = text.strip()
-    while len(rest) > limit:
-        cut = _cut_point(rest, limit)
-        parts.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    if rest:
-        parts.append(rest)
-    return parts
-
-
-# --- Discord helpers ------------------------------------------------------------------------------
-
-
-def is_transient(error: BaseException) -> bool:
-    """True for failures worth retrying: rate limits, Discord server errors, network trouble."""
-    if isinstance(error, discord.RateLimited | aiohttp.ClientError | TimeoutError):
-        return True
-    return isinstance(error, discord.HTTPException) and (error.status == 429 or error.status >= 500)
-
-
 def describe_error(error: BaseException) -> str:
     """The short text shown for an expected failure of a reply."""
     if isinstance(error, TavernError):
         return error.user_message
     return f"I can't reply: {error}"
-
-
-def context_of(channel: discord.abc.Messageable | None, user: discord.abc.User | None) -> str:
-    """`guild=… channel=… user=…` for log lines."""
-    guild = getattr(channel, "guild", None)
-    return (
-        f"guild={guild.id if guild else None} channel={getattr(channel, 'id', None)} "
-        f"user={user.id if user else None}"
-    )
-
-
-@asynccontextmanager
-async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
-    """Show the typing indicator while the block runs; a failure to show it never fails the reply."""
-    async with AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(channel.typing())
-        except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("cannot show typing in channel %s: %s", getattr(channel, "id", None), exc)
-        yield
-
-
-async def with_retries(call: Callable[[], Awaitable[T]], delays: Sequence[float], channel_id: int) -> T:
-    """Await `call()`, retrying transient Discord failures after each of `delays` seconds."""
-    for delay in (*delays, None):
-        try:
-            return await call()
-        except Exception as exc:
-            if delay is None or not is_transient(exc):
-                raise
-            log.warning("transient Discord error in channel %s (%s); retrying in %.2fs", channel_id, exc, delay)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-class ReplyDeleted(Exception):
-    """A message of the reply was deleted while it was being written."""
-
-
-class ReplyMessages:
-    """The Discord messages that show one reply; posts, edits and trims them to match its text.
-
-    `show` is the best-effort streaming update (a transient failure raises for the caller to skip
-    it); `finish` is the exact final state, retried with backoff. A lock keeps the two apart.
-    """
-
-    def __init__(
-        self,
-        channel: ReplyChannel,
-        own_deletes: set[int],
-        *,
-        messages: Sequence[discord.Message | discord.PartialMessage] = (),
-        shown: Sequence[str] = (),
-        retry_delays: Sequence[float] = (0.5, 1.0, 2.0),
-        on_post: Callable[[int], Awaitable[None]] | None = None,
-    ) -> None:
-        self.channel = channel
-        # Awaited with the id of every message posted for the reply, as soon as it is up.
-        self.on_post = on_post
-        self.messages = list(messages)
-        self.shown = list(shown)
-        self.created: list[int] = []
-        self.retry_delays = tuple(retry_delays)
-        self._own_deletes = own_deletes
-        self._view_on = self.messages[-1].id if self.messages else None
-        self._lock = asyncio.Lock()
-
-    @property
-    def ids(self) -> tuple[int, ...]:
-        """Ids of the reply's messages, in order."""
-        return tuple(m.id for m in self.messages)
-
-    async def show(self, text: str) -> None:
-        """Streaming update: edit the parts that changed, post new ones; never removes anything."""
-        async with self._lock:
-            for index, part in enumerate(split_message(text)):
-                if index < len(self.messages):
-                    if self.shown[index] != part:
-                        try:
-                            await self.messages[index].edit(content=part)
-                        except discord.NotFound as exc:
-                            raise ReplyDeleted() from exc
-                        self.shown[index] = part
-                else:
-                    await self._post(part, None)
-
-    async def finish(self, text: str, view: discord.ui.View | None) -> None:
-        """Final update: exact text, `view` on the last message only, surplus messages deleted."""
-        async with self._lock:
-            parts = split_message(text)
-            last = len(parts) - 1
-            for index, part in enumerate(parts):
-                if index >= len(self.messages):
-                    await self._retry(partial(self._post, part, view if index == last else None))
-                    continue
-                message = self.messages[index]
-                if index == last:
-                    edit = partial(message.edit, content=part, view=view)
-                elif self.shown[index] != part or message.id == self._view_on:
-                    edit = partial(message.edit, content=part, view=None)
-                else:
-                    continue
-                try:
-                    await self._retry(edit)
-                except discord.NotFound as exc:
-                    raise ReplyDeleted() from exc
-                self.shown[index] = part
-            surplus = self.messages[len(parts):]
-            del self.messages[len(parts):], self.shown[len(parts):]
-            for message in surplus:
-                await self._delete(message)
-
-    async def discard(self) -> None:
-        """Delete every message of the reply (it came out empty after all)."""
-        async with self._lock:
-            messages, self.messages, self.shown = self.messages, [], []
-            for message in messages:
-                await self._delete(message)
-
-    async def _post(self, part: str, view: discord.ui.View | None) -> None:
-        message = await (self.channel.send(part, view=view) if view else self.channel.send(part))
-        self.messages.append(message)
-        self.shown.append(part)
-        self.created.append(message.id)
-        if self.on_post is not None:
-            await self.on_post(message.id)
-
-    async def _delete(self, message: discord.Message | discord.PartialMessage) -> None:
-        self._own_deletes.add(message.id)
-        try:
-            await self._retry(message.delete)
-        except discord.NotFound:
-            self._own_deletes.discard(message.id)
-        except discord.HTTPException as exc:
-            self._own_deletes.discard(message.id)
-            log.warning("cannot delete reply message %s in channel %s: %s", message.id, self.channel.id, exc)
-
-    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        return await with_retries(call, self.retry_delays, self.channel.id)
-
-
-class QueueNotice:
-    """The "Waiting for the model — position N" message of one reply."""
-
-    def __init__(self, channel: ReplyChannel, own_deletes: set[int]) -> None:
-        self.channel = channel
-        self.message: discord.Message | None = None
-        self._own_deletes = own_deletes
-
-    async def show(self, position: int) -> None:
-        """Post or update the notice; a transient failure only skips this update."""
-        text = QUEUE_NOTICE.format(position=position)
-        try:
-            if self.message is None:
-                self.message = await self.channel.send(text)
-            else:
-                self.message = await self.message.edit(content=text)
-        except discord.NotFound:
-            self.message = None
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.info("skipped a queue notice update in channel %s: %s", self.channel.id, exc)
-
-    async def remove(self) -> None:
-        """Delete the notice if it is up."""
-        message, self.message = self.message, None
-        if message is None:
-            return
-        self._own_deletes.add(message.id)
-        try:
-            await message.delete()
-        except discord.NotFound:
-            self._own_deletes.discard(message.id)
-        except discord.HTTPException as exc:
-            self._own_deletes.discard(message.id)
-            log.warning("cannot remove the queue notice in channel %s: %s", self.channel.id, exc)
-
-
-# --- buttons --------------------------------------------------------------------------------------
-
-
-class ReplyButtons(TavernView):
-    """Regenerate and Continue under the latest reply; persistent, the message says which reply."""
-
-    def __init__(self, replies: ChannelReplies) -> None:
-        super().__init__(timeout=None)
-        self.replies = replies
-
-    @discord.ui.button(label="Regenerate", emoji="🔄", style=discord.ButtonStyle.secondary, custom_id=REGENERATE_ID)
-    async def regenerate(self, interaction: discord.Interaction, _button: discord.ui.Button[ReplyButtons]) -> None:
-        """Write the latest reply again."""
-        await self.replies.on_button(interaction, "regenerate")
-
-    @discord.ui.button(label="Continue", emoji="➡️", style=discord.ButtonStyle.secondary, custom_id=CONTINUE_ID)
-    async def continue_(self, interaction: discord.Interaction, _button: discord.ui.Button[ReplyButtons]) -> None:
-        """Make the latest reply longer."""
-        await self.replies.on_button(interaction, "continue")
 
 
 # --- the per-channel queue ------------------------------------------------------------------------
@@ -341,6 +88,8 @@ class _Job:
     user: discord.abc.User | None
     interaction: discord.Interaction | None = None
     message_id: int | None = None
+    # Event-loop time before which a reply does not read the history (see `reply_delay`).
+    not_before: float = field(default=0.0)
 
 
 class ChannelReplies:
@@ -352,12 +101,14 @@ class ChannelReplies:
         *,
         edit_interval: float = 1.0,
         queue_limit: int = 4,
-        retry_delays: Sequence[float] = (0.5, 1.0, 2.0),
+        reply_delay: float = 0.0,
     ) -> None:
         self.service = service
         self.edit_interval = edit_interval
         self.queue_limit = queue_limit
-        self.retry_delays = tuple(retry_delays)
+        self.reply_delay = reply_delay
+        # Per-member limit on Regenerate/Continue presses.
+        self.presses = PressCooldown()
         self.closed = False
         self._jobs: dict[int, deque[_Job]] = {}
         self._runners: dict[int, asyncio.Task[None]] = {}
@@ -378,7 +129,8 @@ class ChannelReplies:
             if job.kind == "reply":
                 job.user = user
                 return
-        self._enqueue(_Job("reply", channel, user))
+        not_before = asyncio.get_running_loop().time() + self.reply_delay if self.reply_delay > 0 else 0.0
+        self._enqueue(_Job("reply", channel, user, not_before=not_before))
 
     async def on_button(self, interaction: discord.Interaction, kind: JobKind) -> None:
         """Handle a Regenerate/Continue click: check it, acknowledge it, queue it behind the channel."""
@@ -437,7 +189,7 @@ class ChannelReplies:
         """Send `text` to the clicker only, whether or not the click was answered already."""
         try:
             await send_error(interaction, text)
-        except discord.HTTPException:
+        except (discord.HTTPException, discord.RateLimited):
             log.exception("cannot answer an interaction (%s)", context_of(interaction.channel, interaction.user))
 
     async def stop_accepting(self) -> None:
@@ -496,11 +248,12 @@ class ChannelReplies:
             if job.interaction is not None:
                 await self.tell(job.interaction, PAUSED_NOTICE)
         except Exception as exc:
-            if isinstance(exc, discord.HTTPException) and is_transient(exc):
-                # The retries are spent: say so plainly instead of a generic apology.
+            if isinstance(exc, discord.HTTPException | discord.RateLimited) and is_transient(exc):
+                # discord.py's retries are spent: say so plainly instead of a generic apology.
                 log.warning("%s gave up after repeated Discord errors (%s): %s", job.kind,
                             context_of(job.channel, job.user), exc)
-                await self._notice(job, DISCORD_TROUBLE_NOTICE.format(status=exc.status))
+                status = exc.status if isinstance(exc, discord.HTTPException) else 429
+                await self._notice(job, DISCORD_TROUBLE_NOTICE.format(status=status))
                 return
             log.exception("%s failed (%s)", job.kind, context_of(job.channel, job.user))
             await self._notice(job, FAILED_NOTICE)
@@ -514,7 +267,7 @@ class ChannelReplies:
             await job.channel.send(text)
         except discord.Forbidden as exc:
             await self.pause(job.channel, exc)
-        except discord.HTTPException:
+        except (discord.HTTPException, discord.RateLimited):
             log.exception("cannot post a notice (%s)", context_of(job.channel, job.user))
 
     # --- jobs -------------------------------------------------------------------------------------
@@ -522,6 +275,11 @@ class ChannelReplies:
     async def _reply(self, job: _Job) -> None:
         if self.closed:
             return
+        wait = job.not_before - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)  # messages (and proxy reposts) arriving meanwhile join this reply
+            if self.closed:
+                return
         repo = self.service.repo
         session = await repo.get_active_session(channel_key(job.channel.id))
         if session is None or not session.active:
@@ -630,7 +388,7 @@ class ChannelReplies:
         shown: Sequence[str] | None = None,
     ) -> ReplyMessages:
         return ReplyMessages(channel, self._own_deletes, messages=messages,
-                             shown=[""] * len(messages) if shown is None else shown, retry_delays=self.retry_delays)
+                             shown=[""] * len(messages) if shown is None else shown)
 
     async def _pump(self, channel: ReplyChannel, stream: ReplyStream, target: ReplyMessages) -> str:
         """Stream into `target`, editing at most about once per `edit_interval`; return the final text."""
@@ -693,12 +451,11 @@ class ChannelReplies:
 
     async def _remove_buttons(self, channel: ReplyChannel, message_id: int) -> None:
         """Take the buttons off the previous reply (a new one was posted)."""
-        edit = partial(channel.get_partial_message(message_id).edit, view=None)
         try:
-            await with_retries(edit, self.retry_delays, channel.id)
+            await channel.get_partial_message(message_id).edit(view=None)
         except discord.NotFound:
             pass  # the old reply is gone, and its buttons with it
-        except discord.HTTPException as exc:
+        except (discord.HTTPException, discord.RateLimited) as exc:
             log.warning("cannot remove the buttons of message %s in channel %s: %s", message_id, channel.id, exc)
 
     async def _latest_reply(
