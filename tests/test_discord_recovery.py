@@ -26,7 +26,7 @@ async def cut_off(t: BotEnv, tavern: Tavern, session: ChannelSession, channel=No
     half = t.env.backend.create_message(channel.id, t.bot.user.id, "I was about to", broadcast=False)
     await t.bot.repo.append_turn(session.id, Role.USER, "Are you there?", author_id=tavern.alice.id,
                                  author_name="Alice", message_ids=[said.id])
-    await t.bot.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.INTERRUPTED, message_ids=[half.id])
+    await t.bot.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING, message_ids=[half.id])
     return half.id
 
 
