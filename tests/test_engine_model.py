@@ -10,9 +10,11 @@ import time
 import pytest
 
 from bot.config import ModelSettings, Settings
-from bot.inference.engine import Finished, GenerationRequest, Sampling, Started, Text
+from bot.core.sessions import generation_request
+from bot.inference.api import Finished, GenerationRequest, Sampling, Started, Text
+from bot.inference.engine import Engine
 from bot.inference.local.llama import llama_engine
-from bot.prompt.builder import Conversation, PromptTurn, build_prompt
+from bot.prompt.builder import Conversation, PromptTurn
 
 pytestmark = pytest.mark.model
 
@@ -21,13 +23,18 @@ def make_settings(path, *, workers: int = 1, n_ctx: int = 1024) -> Settings:
     return Settings(model=ModelSettings(path=str(path), n_ctx=n_ctx, workers=workers, threads=1))
 
 
-def request(key: str, text: str, *, max_new_tokens: int = 24, seed: int | None = 7) -> GenerationRequest:
+async def request(
+    engine: Engine, key: str, text: str, *, max_new_tokens: int = 24, seed: int | None = 7
+) -> GenerationRequest:
     conv = Conversation(
         system="Enter roleplay mode. You must act as Bob, a cheerful pirate.",
         turns=(PromptTurn("user", text, speaker="Alice"),),
     )
-    return GenerationRequest(key=key, conversation=conv, max_new_tokens=max_new_tokens,
-                             sampling=Sampling(seed=seed), speakers=("Alice",))
+    request, _ = await engine.with_tokenizer(lambda tokenizer: generation_request(
+        tokenizer, conv, key=key, n_ctx=engine.n_ctx, max_new_tokens=max_new_tokens,
+        sampling=Sampling(seed=seed), speakers=("Alice",),
+    ))
+    return request
 
 
 async def run(generation) -> tuple[str, Finished, list]:
@@ -46,7 +53,7 @@ async def test_real_model_streams_a_reply(demo_model_path):
     engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
-        text, finished, events = await run(engine.generate(request("c1", "Hello! Who are you?")))
+        text, finished, events = await run(engine.generate(await request(engine, "c1", "Hello! Who are you?")))
         assert isinstance(events[0], Started) and events[0].prompt_tokens > 10
         assert sum(isinstance(e, Text) for e in events) > 1, "reply should arrive in several chunks"
         assert text.strip()
@@ -62,12 +69,11 @@ async def test_on_worker_sees_the_context_the_reply_was_generated_in(demo_model_
     engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
-        req = request("c1", "Hello! Who are you?")
+        req = await request(engine, "c1", "Hello! Who are you?")
         _, finished, _ = await run(engine.generate(req))
 
         def inspect(backend) -> tuple[str, list[int], list[int]]:
-            prompt = build_prompt(backend.tokenizer, req.conversation, n_ctx=backend.n_ctx,
-                                  max_new_tokens=req.max_new_tokens).tokens
+            prompt = list(req.tokens)  # the widest window fits this context
             return threading.current_thread().name, prompt, backend.live_tokens()
 
         name, prompt, live = await engine.on_worker(inspect)
@@ -83,8 +89,8 @@ async def test_real_model_same_seed_same_reply(demo_model_path):
     engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
-        first, _, _ = await run(engine.generate(request("c1", "Tell me about your ship.")))
-        second, _, _ = await run(engine.generate(request("c1", "Tell me about your ship.")))
+        first, _, _ = await run(engine.generate(await request(engine, "c1", "Tell me about your ship.")))
+        second, _, _ = await run(engine.generate(await request(engine, "c1", "Tell me about your ship.")))
         assert first == second
     finally:
         await engine.close()
@@ -107,8 +113,8 @@ async def test_real_model_two_workers_serve_two_channels_and_loop_stays_free(dem
     tick = asyncio.create_task(ticker())
     try:
         results = await asyncio.gather(
-            run(engine.generate(request("a", "Where are we sailing?", max_new_tokens=40))),
-            run(engine.generate(request("b", "What is your name?", max_new_tokens=40))),
+            run(engine.generate(await request(engine, "a", "Where are we sailing?", max_new_tokens=40))),
+            run(engine.generate(await request(engine, "b", "What is your name?", max_new_tokens=40))),
         )
         workers = {next(e.worker for e in events if isinstance(e, Started)) for _, _, events in results}
         assert workers == {0, 1}
@@ -126,7 +132,7 @@ async def test_real_model_cancellation_frees_the_worker(demo_model_path):
     engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
-        gen = engine.generate(request("c1", "Tell me a very long story.", max_new_tokens=400))
+        gen = engine.generate(await request(engine, "c1", "Tell me a very long story.", max_new_tokens=400))
         pieces = 0
         async for chunk in gen:
             if isinstance(chunk, Text):
@@ -136,7 +142,7 @@ async def test_real_model_cancellation_frees_the_worker(demo_model_path):
             if isinstance(chunk, Finished):
                 assert chunk.stats.stop_reason in ("cancelled", "eos", "stop")
                 assert chunk.stats.generated_tokens < 40
-        text, _, _ = await run(engine.generate(request("c1", "Hi again!")))
+        text, _, _ = await run(engine.generate(await request(engine, "c1", "Hi again!")))
         assert text.strip()
     finally:
         await engine.close()
