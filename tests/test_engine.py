@@ -340,3 +340,52 @@ async def test_close_leaves_a_worker_that_does_not_stop_and_still_returns(monkey
     assert "worker 0 did not stop in time" in caplog.text
     release.set()
     assert (await collect(running))[2].stats.stop_reason == "cancelled"
+
+
+def test_llama_cpp_python_is_pinned_to_the_tested_version():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pins = [d for d in project["dependencies"] if d.startswith("llama-cpp-python")]
+    # bot/inference/local/llama.py uses private attributes of llama_cpp.Llama: only the tested release may run it.
+    assert pins == [f"llama-cpp-python=={version('llama-cpp-python')}"]
+
+
+# ------------------------------------------------------------------ regenerate with a fixed seed
+
+
+async def test_regenerate_with_a_fixed_seed_samples_with_a_new_seed_each_time(db_url):
+    from bot.core.sessions import ChatService, Speaker
+    from persistence.database import Database
+    from persistence.repository import Repository
+
+    backend = FakeBackend("A reply.")
+    engine = await started(fake_engine(backend))
+    database = await Database.open(db_url)
+    try:
+        for seed, fixed in ((42, True), (-1, False)):
+            service = ChatService(Repository(database), engine, Settings(model=ModelSettings(seed=seed)))
+            session = await service.repo.start_session(f"s{seed}", persona_text="A bard.")
+            await service.add_user_turn(session, Speaker(1, "Alice"), "Hello")
+            seeds = []
+            stream = await service.reply(session)
+            async for _ in stream:
+                pass
+            turn = await stream.save()
+            seeds.append(backend.samplings[-1].seed)
+            for _ in range(3):
+                stream = await service.regenerate(session, turn)
+                async for _ in stream:
+                    pass
+                turn = await stream.save()
+                seeds.append(backend.samplings[-1].seed)
+            if fixed:
+                assert seeds[0] == 42, "a first reply is reproducible for the seed"
+                assert len(set(seeds)) == len(seeds), seeds
+            else:
+                assert seeds == [None] * 4, "without a fixed seed every sample is already new"
+    finally:
+        await database.close()
+        await engine.close()

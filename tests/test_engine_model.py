@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -163,3 +164,122 @@ def test_worker_context_is_built_from_llama_params(demo_model_path):
         assert backend.n_ctx == 512
     finally:
         backend.close()
+
+
+# ------------------------------------------------------------------ stopping inside a long prompt evaluation
+
+LONG_TURNS = tuple(
+    PromptTurn("user", f"Line {i}: the parrot squawks about island number {i} and its golden sand.", "Alice")
+    if i % 2 == 0 else PromptTurn("model", f"Aye, island {i} has the finest sand of the seven seas, matey!")
+    for i in range(70)
+)
+GREEDY = Sampling(temperature=0.0, seed=1)
+
+
+def long_settings(path) -> ModelSettings:
+    return ModelSettings(path=str(path), n_ctx=2048, threads=1)
+
+
+async def test_cancel_during_a_long_prompt_evaluation_stops_it_and_the_worker_answers_right(demo_model_path):
+    from bot.inference.engine import run_generation
+    from bot.inference.local.llama import LlamaBackend
+    from bot.inference.local.state_cache import StateCache
+
+    settings = long_settings(demo_model_path)
+    conv = Conversation("Enter roleplay mode. You must act as Bob, a cheerful pirate.", LONG_TURNS)
+    fresh = LlamaBackend(str(demo_model_path), settings, n_batch=16)
+    try:
+        request, _ = generation_request(fresh.tokenizer, conv, key="c", n_ctx=2048, max_new_tokens=16,
+                                        sampling=GREEDY)
+        assert len(request.tokens) > 1500
+        pieces: list[str] = []
+        reference = await asyncio.to_thread(
+            run_generation, fresh, request, threading.Event(),
+            lambda chunk: pieces.append(chunk.text) if isinstance(chunk, Text) else None,
+        )
+        expected = "".join(pieces)
+    finally:
+        fresh.close()
+    full_evaluation = reference.first_token_seconds
+    assert full_evaluation is not None and full_evaluation > 1.0, "the prompt must take a while to evaluate"
+
+    engine = Engine(lambda: LlamaBackend(str(demo_model_path), settings, cache=StateCache(2**28), n_batch=16))
+    await engine.start()
+    try:
+        generation = engine.generate(request)
+        async for chunk in generation:
+            if isinstance(chunk, Started):
+                break
+        await asyncio.sleep(full_evaluation / 3)  # well inside the evaluation
+        begin = time.perf_counter()
+        generation.cancel()
+        finished = None
+        async for chunk in generation:
+            if isinstance(chunk, Finished):
+                finished = chunk
+        cancel_seconds = time.perf_counter() - begin
+        assert finished is not None and finished.stats.stop_reason == "cancelled"
+        assert finished.stats.generated_tokens == 0
+        assert cancel_seconds < min(0.5, full_evaluation / 4), (cancel_seconds, full_evaluation)
+        # The next request on that worker reuses only what was evaluated in full, and answers as a fresh context.
+        text, finished, events = await run(engine.generate(request))
+        started = next(e for e in events if isinstance(e, Started))
+        assert 0 < started.reused_tokens < len(request.tokens) * 0.75
+        assert text == expected and finished.stats.generated_tokens == reference.generated_tokens
+
+        # A time limit takes effect inside the evaluation too (another channel: nothing to reuse).
+        begin = time.perf_counter()
+        _, finished, _ = await run(engine.generate(replace(request, key="d", timeout=0.3)))
+        assert finished.stats.stop_reason == "timeout" and time.perf_counter() - begin < 0.3 + 0.5
+
+        # Shutdown: the grace, then a prompt evaluation in progress stops at once.
+        running = engine.generate(replace(request, key="e"))
+        await asyncio.sleep(0.2)
+        begin = time.perf_counter()
+        await engine.close(grace=0.3)
+        assert time.perf_counter() - begin < 0.3 + 0.5
+        assert (await run(running))[1].stats.stop_reason == "cancelled"
+    finally:
+        await engine.close()
+
+
+# ------------------------------------------------------------------ regenerate with a fixed seed
+
+
+async def test_regenerate_with_a_fixed_seed_gives_a_new_text_and_a_first_reply_stays_reproducible(
+    demo_model_path, db_url
+):
+    from bot.core.sessions import ChatService, Speaker
+    from persistence.database import Database
+    from persistence.repository import Repository
+
+    settings = Settings(model=ModelSettings(path=str(demo_model_path), n_ctx=1024, threads=1, seed=42,
+                                            max_new_tokens=24))
+    engine = llama_engine(settings, str(demo_model_path))
+    await engine.start()
+    database = await Database.open(db_url)
+    try:
+        service = ChatService(Repository(database), engine, settings)
+
+        async def first_reply(name: str):
+            session = await service.repo.start_session(name, persona_text="Bob, a cheerful pirate.")
+            await service.add_user_turn(session, Speaker(1, "Alice"), "Tell me about your ship.")
+            stream = await service.reply(session)
+            async for _ in stream:
+                pass
+            return session, await stream.save()
+
+        session, turn = await first_reply("one")
+        _, again = await first_reply("two")
+        assert turn is not None and again is not None and turn.content == again.content
+        seen = {turn.content}
+        for _ in range(2):
+            stream = await service.regenerate(session, turn)
+            async for _ in stream:
+                pass
+            turn = await stream.save()
+            assert turn is not None and turn.content not in seen
+            seen.add(turn.content)
+    finally:
+        await database.close()
+        await engine.close()

@@ -120,6 +120,7 @@ class ReplyStream:
         request: GenerationRequest | None,
         prompt: Prompt | None,
         *,
+        conversation: Conversation,
         speakers: Sequence[str] = (),
         failure: Exception | None = None,
         prefix: str = "",
@@ -130,6 +131,7 @@ class ReplyStream:
         self.session = session
         self.request = request
         self.prompt = prompt
+        self.conversation = conversation  # what the prompt was built from
         self.speakers = tuple(speakers)
         self._failure = failure
         self.window_start: int | None = None
@@ -338,7 +340,7 @@ class ChatService:
             request, prompt = await self.engine.with_tokenizer(build)
         except (PromptTooLarge, MessageTooLarge) as exc:
             # Raised where the stream is read, as every other reason a reply cannot be written.
-            return ReplyStream(self, session, None, None, speakers=speakers, failure=exc, prefix=prefix,
-                               continues=continues, into=into)
-        return ReplyStream(self, session, request, prompt, speakers=speakers, prefix=prefix,
-                           continues=continues, into=into)
+            return ReplyStream(self, session, None, None, conversation=conversation, speakers=speakers,
+                               failure=exc, prefix=prefix, continues=continues, into=into)
+        return ReplyStream(self, session, request, prompt, conversation=conversation, speakers=speakers,
+                           prefix=prefix, continues=continues, into=into)
