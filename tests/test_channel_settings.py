@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.core import channel_settings
 from bot.config import SamplingSettings, Settings
+from bot.core import channel_settings
 from bot.core.channel_settings import FIELDS, InvalidSetting, apply, describe, effective
 
 LIMIT = 256
