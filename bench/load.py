@@ -75,7 +75,8 @@ from bot.core.sessions import ChatService, ReplyStream
 from bot.discord_front.client import TavernBot, create_bot
 from bot.discord_front.keys import channel_key
 from bot.discord_front.replies import EMPTY_NOTICE, split_message
-from bot.inference.engine import Chunk, Engine, Finished, Generation, GenerationRequest, Started, Text
+from bot.inference.api import Chunk, Finished, GenerationRequest, Started, Text
+from bot.inference.engine import Engine, Generation
 from bot.inference.local.llama import llama_engine, state_cache
 from bot.inference.local.state_cache import StateCache
 from bot.prompt.builder import MODEL, USER, Conversation
@@ -313,13 +314,8 @@ class ReplyProbe:
 
         def timed_generate(request: GenerationRequest) -> Generation:
             generation = generate(request)
-            record = ReplyRecord(
-                request.key,
-                self.round,
-                newest_user_texts(request.conversation),
-                time.perf_counter(),
-                speakers=tuple(request.speakers),
-            )
+            # What the window covers and who speaks in it are filled in by `noted_reply`.
+            record = ReplyRecord(request.key, self.round, (), time.perf_counter())
             self.records.append(record)
             self._by_request[id(request)] = record
             return _TimedGeneration(generation, record)  # type: ignore[return-value]
@@ -327,8 +323,11 @@ class ReplyProbe:
         async def noted_reply(session: ChannelSession, *, reserve: bool = False) -> ReplyStream:
             stream = await reply(session, reserve=reserve)
             record = self._by_request.pop(id(stream.request), None)
-            if record is not None and stream.into is not None:
-                record.turn_id = stream.into.id
+            if record is not None:
+                record.covered = newest_user_texts(stream.conversation)
+                record.speakers = stream.speakers
+                if stream.into is not None:
+                    record.turn_id = stream.into.id
             return stream
 
         engine.generate = timed_generate  # type: ignore[method-assign]

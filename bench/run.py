@@ -39,18 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import CacheSettings, ModelSettings, Settings
-from bot.inference.engine import (
-    Engine,
-    Finished,
-    GenerationRequest,
-    GenerationStats,
-    Sampling,
-    Text,
-    run_generation,
-)
+from bot.core.sessions import generation_request
+from bot.inference.api import Finished, GenerationRequest, GenerationStats, Sampling, Text
+from bot.inference.engine import Engine, run_generation
 from bot.inference.local.llama import N_BATCH, LlamaBackend, llama_params
 from bot.inference.local.state_cache import StateCache
-from bot.prompt.builder import Conversation, PromptTurn, build_prompt, longest_token_chars
+from bot.prompt.builder import Conversation, Prompt, PromptTurn, build_prompt, longest_token_chars
 from persistence.records import WindowBudget
 
 PERSONA = (
@@ -90,11 +84,35 @@ def history(turns: int, tag: str = "") -> list[PromptTurn]:
     return out
 
 
-def tagged_request(tag: str, key: str, pairs: int, max_new: int) -> GenerationRequest:
+_vocabularies: dict[str, Any] = {}
+
+
+def vocabulary(model: str) -> Any:
+    """The model's vocabulary alone (no weights), loaded once: what requests are tokenized with."""
+    if model not in _vocabularies:
+        import llama_cpp
+
+        _vocabularies[model] = llama_cpp.Llama(model, vocab_only=True, verbose=False)
+    return _vocabularies[model]
+
+
+def built_request(model: str, n_ctx: int, key: str, conv: Conversation, max_new: int,
+                  sampling: Sampling = GREEDY) -> tuple[GenerationRequest, Prompt]:
+    """The request the bot's core builds for `conv` (widest window for `n_ctx`, cuts at block starts)."""
+    return generation_request(vocabulary(model), conv, key=key, n_ctx=n_ctx, max_new_tokens=max_new,
+                              sampling=sampling)
+
+
+def tagged_conversation(tag: str, pairs: int) -> Conversation:
     """`pairs` earlier turn pairs plus the next user turn, each prefixed by `tag` (one per channel)."""
     turns = history(pairs, tag)
     turns.append(PromptTurn("user", f"{tag} {scripted_turn(pairs, 'user').text}", scripted_turn(pairs, "user").speaker))
-    return GenerationRequest(key, Conversation(PERSONA, tuple(turns)), max_new, GREEDY)
+    return Conversation(PERSONA, tuple(turns))
+
+
+def tagged_request(model: str, n_ctx: int, tag: str, key: str, pairs: int, max_new: int) -> GenerationRequest:
+    """The request of `tagged_conversation`."""
+    return built_request(model, n_ctx, key, tagged_conversation(tag, pairs), max_new)[0]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -120,9 +138,9 @@ class BenchBackend(LlamaBackend):
 
     first_token: int | None = None
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool]) -> Iterator[int]:
         self.first_token = None
-        for token in super().tokens(prompt, sampling):
+        for token in super().tokens(prompt, sampling, stop):
             if self.first_token is None:
                 self.first_token = token
             yield token
@@ -144,9 +162,9 @@ class NoReuse:
     def first_token(self) -> int | None:
         return self.inner.first_token
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool]) -> Iterator[int]:
         self.inner.llm.reset()
-        return self.inner.tokens(prompt, sampling)
+        return self.inner.tokens(prompt, sampling, stop)
 
     def piece(self, token: int) -> bytes:
         return self.inner.piece(token)
@@ -172,19 +190,13 @@ def ttft(stats: GenerationStats) -> float:
 
 def turns_to_fill(args: argparse.Namespace, tag: str) -> int:
     """The fewest earlier turn pairs that make a tagged conversation overflow the window."""
-    import llama_cpp
-
-    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
-    try:
-        pairs = 1
-        while True:
-            request = tagged_request(tag, "fill", pairs, args.max_new)
-            prompt = build_prompt(vocab, request.conversation, n_ctx=args.n_ctx, max_new_tokens=args.max_new)
-            if prompt.turns_used < len(request.conversation.turns):
-                return pairs
-            pairs += 1
-    finally:
-        vocab.close()
+    pairs = 1
+    while True:
+        conv = tagged_conversation(tag, pairs)
+        prompt = build_prompt(vocabulary(args.model), conv, n_ctx=args.n_ctx, max_new_tokens=args.max_new)
+        if prompt.turns_used < len(conv.turns):
+            return pairs
+        pairs += 1
 
 
 # ------------------------------------------------------------------------------------------ 1
@@ -213,7 +225,8 @@ def bench_turn_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         for t in range(args.turns):
             turns.append(scripted_turn(t, "user"))
-            request = GenerationRequest("bench", Conversation(PERSONA, tuple(turns)), args.max_new, GREEDY)
+            request, prompt = built_request(args.model, args.n_ctx, "bench", Conversation(PERSONA, tuple(turns)),
+                                            args.max_new)
             order = (True, False) if t % 2 == 0 else (False, True)
             for shift in order:
                 if not shift and t >= args.trim_turns:
@@ -221,7 +234,8 @@ def bench_turn_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
                 stats = generate(modes[shift], request)
                 rows[shift].append({
                     "turn": t, "prompt": stats.prompt_tokens, "evaluated": stats.evaluated_tokens,
-                    "ttft": ttft(stats), "turns_used": stats.turns_used, "first": modes[shift].first_token,
+                    "ttft": ttft(stats), "turns_used": prompt.turns_from(stats.window_start),
+                    "first": modes[shift].first_token,
                 })
             if first_full is None and rows[True][-1]["turns_used"] < len(turns):
                 first_full = t
@@ -290,7 +304,7 @@ async def _interleaved(
     records: list[tuple[int, GenerationStats]] = []
 
     async def turn(key: int, rnd: int) -> None:
-        request = tagged_request(f"[ch{key}]", f"ch{key}", args.fill_pairs + rnd, args.max_new)
+        request = tagged_request(args.model, args.n_ctx, f"[ch{key}]", f"ch{key}", args.fill_pairs + rnd, args.max_new)
         async for chunk in engine.generate(request):
             if isinstance(chunk, Finished):
                 records.append((rnd, chunk.stats))
@@ -355,7 +369,7 @@ class _Replay:
         self.tokenizer, self.n_ctx, self._tokens = backend.tokenizer, backend.n_ctx, tokens
         self.piece, self.is_end = backend.piece, backend.is_end
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool]) -> Iterator[int]:
         return iter(self._tokens)
 
     def close(self) -> None:
@@ -374,14 +388,12 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """
     settings = model_settings(args.model, args.n_ctx, args.threads)
     conv = Conversation(PERSONA, (PromptTurn("user", LONG_REPLY, "Alice"),))
-    request = GenerationRequest("o", conv, args.gen_tokens, SAMPLED)
+    request, _ = built_request(args.model, args.n_ctx, "o", conv, args.gen_tokens, SAMPLED)
 
     async def run() -> dict[str, Any]:
         engine = Engine(lambda: LlamaBackend(args.model, settings))
         await engine.start()
-        prompt = await engine.with_tokenizer(
-            lambda tokenizer: build_prompt(tokenizer, conv, n_ctx=args.n_ctx, max_new_tokens=args.gen_tokens).tokens
-        )
+        prompt = list(request.tokens)  # the whole window fits
 
         async def through_engine() -> tuple[float, int, list[int]]:
             await engine.on_worker(lambda backend: backend.llm.reset())
@@ -536,7 +548,8 @@ def bench_loop_lag(args: argparse.Namespace) -> dict[str, Any]:
     workers = 2
     settings = Settings(model=model_settings(args.model, args.n_ctx, max(1, args.threads // workers), workers))
     rounds = [
-        [tagged_request(f"[l{k}]", f"lag{k}", 6 + rnd, args.lag_tokens) for k in range(2 * workers)]
+        [tagged_request(args.model, args.n_ctx, f"[l{k}]", f"lag{k}", 6 + rnd, args.lag_tokens)
+         for k in range(2 * workers)]
         for rnd in range(2)
     ]
 
@@ -725,7 +738,7 @@ def memory_probe(model: str, workers: int, n_ctx: int, kv_type: str, n_batch: in
     backends = [LlamaBackend(model, settings, n_batch=n_batch) for _ in range(workers)]
     conv = Conversation(PERSONA, tuple(history(8)))
     for backend in backends:
-        generate(backend, GenerationRequest("m", conv, 4, GREEDY))
+        generate(backend, built_request(model, n_ctx, "m", conv, 4)[0])
     state = backends[0].state_bytes()
     print(json.dumps({"workers": workers, "kv_type": kv_type, "n_batch": n_batch, "before": before,
                       "after": _memory(), "state_bytes": len(state), "state_tokens": backends[0].llm.n_tokens}))

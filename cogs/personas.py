@@ -149,7 +149,7 @@ class Personas(commands.GroupCog, group_name="persona", group_description="The c
         """The whole persona, only to the asker."""
         guild = require_guild(interaction)
         persona = await personas.find_persona(self.bot.repo, guild.id, name)
-        tokens = await self.bot.engine.tokenize_count(persona.text)
+        tokens = await self.bot.service.count_tokens(persona.text)
         embed = discord.Embed(title=persona.name, description=persona.text)
         embed.set_footer(text=f"{tokens} tokens · updated {persona.updated_at:%Y-%m-%d %H:%M} UTC")
         await interaction.response.send_message(embed=embed, ephemeral=True)

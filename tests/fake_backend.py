@@ -5,8 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from bot.inference.engine import Engine, Sampling
+from bot.core.sessions import generation_request
+from bot.inference.api import GenerationRequest, Sampling
+from bot.inference.engine import Engine
+from bot.prompt.builder import Conversation
 
 _OFFSET = 3  # ids 0..2 are UNK, BOS, EOS as in Llama vocabularies
 
@@ -60,21 +64,30 @@ class FakeBackend:
         n_ctx: int = 4096,
         token_delay: float = 0.0,
         fail_after: int | None = None,
+        eval_seconds: float = 0.0,
     ) -> None:
         self.tokenizer = ByteTokenizer()
         self.n_ctx = n_ctx
         self.reply = reply
         self.token_delay = token_delay
         self.fail_after = fail_after
+        self.eval_seconds = eval_seconds  # a prompt evaluation that takes this long, interruptible by `stop()`
         self.prompts: list[str] = []
+        self.samplings: list[Sampling] = []
         self.closed = False
         self.lock = threading.Lock()
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        """Yield the reply's bytes as tokens, then EOS."""
+    def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
+        """Yield the reply's bytes as tokens, then EOS (nothing when stopped during the evaluation)."""
         text = self.tokenizer.detokenize(prompt).decode("utf-8", errors="replace")
         with self.lock:
             self.prompts.append(text)
+            self.samplings.append(sampling)
+        until = time.monotonic() + self.eval_seconds
+        while time.monotonic() < until:
+            if stop():
+                return
+            time.sleep(0.005)
         reply = self.reply(text) if callable(self.reply) else self.reply
         for index, byte in enumerate(reply.encode()):
             if self.fail_after is not None and index >= self.fail_after:
@@ -101,3 +114,13 @@ def fake_engine(backend: FakeBackend | None = None, **engine_options: int) -> En
     """An unstarted Engine whose workers share one FakeBackend (call `await engine.start()`)."""
     shared = backend or FakeBackend()
     return Engine(lambda: shared, model_name="fake", **engine_options)  # type: ignore[arg-type]
+
+
+def fake_request(
+    key: str, conversation: Conversation, max_new_tokens: int, *, n_ctx: int = 4096, **options: Any
+) -> GenerationRequest:
+    """The request the core builds for `conversation`, tokenized by the fake backend's tokenizer."""
+    request, _ = generation_request(
+        ByteTokenizer(), conversation, key=key, n_ctx=n_ctx, max_new_tokens=max_new_tokens, **options
+    )
+    return request

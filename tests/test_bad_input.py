@@ -38,9 +38,9 @@ class RecordingBackend(FakeBackend):
         super().__init__(*args, **kwargs)
         self.token_prompts: list[list[int]] = []
 
-    def tokens(self, prompt, sampling):
+    def tokens(self, prompt, sampling, stop=lambda: False):
         self.token_prompts.append(list(prompt))
-        return super().tokens(prompt, sampling)
+        return super().tokens(prompt, sampling, stop)
 
 
 def settings(**sections) -> Settings:
@@ -228,12 +228,15 @@ async def test_a_4000_character_message_too_large_for_the_context_gets_a_notice(
         notice = tavern.channel.last_message
         assert notice.author.bot and notice.content.startswith("I can't reply: The newest message is ")
         assert "fit after the persona and the room reserved for the reply" in notice.content
-        # Kept whole (no half-made reply stored); the sliding window drops it, and all before it, next time.
+        # Kept whole (no half-made reply stored); later prompts skip it and keep the turns before it.
         turns = await stored_turns(t, tavern.channel)
         assert [turn.content for turn in turns] == ["A story:", "You said: Alice: A story:", LONG]
         await tavern.bob.send(tavern.channel, "Too long, friend.")
         assert tavern.channel.last_message.content == "You said: Bob: Too long, friend."
-        assert t.backend.prompts[-1].endswith("elven ranger.<|user|>Bob: Too long, friend.<|model|>")
+        assert t.backend.prompts[-1].endswith(
+            "elven ranger.<|user|>Alice: A story:<|model|>You said: Alice: A story:"
+            "<|user|>Bob: Too long, friend.<|model|>"
+        )
 
 
 UNICODE = [

@@ -128,7 +128,7 @@ async def test_delete_removes_the_persona(db_url):
 async def test_persona_too_large_for_the_context_is_refused_with_both_numbers(db_url):
     async with tavern_bot(db_url) as t:
         text = "A very long persona. " * 190  # < 4000 characters, more tokens than a 4096 context allows
-        tokens = await t.bot.engine.tokenize_count(text.strip())
+        tokens = await t.bot.service.count_tokens(text.strip())
         allowed = await t.bot.service.persona_budget()
         assert tokens > allowed
         refused = await create_persona(t, "Long", text)

@@ -7,20 +7,22 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from bot.config import ModelSettings, Settings
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull
-from bot.inference.engine import Engine, Finished, GenerationRequest, Queued, Started, Text
+from bot.inference.api import Finished, GenerationRequest, Queued, Started, Text
+from bot.inference.engine import CLOSE_STOP_SECONDS, Engine
 from bot.inference.local.llama import llama_engine
-from bot.prompt.builder import Conversation, PromptTooLarge, PromptTurn
-from tests.fake_backend import FakeBackend, fake_engine
+from bot.prompt.builder import Conversation, PromptTurn
+from tests.fake_backend import ByteTokenizer, FakeBackend, fake_engine, fake_request
 
 
 def request(key: str, text: str = "hello", *, max_new_tokens: int = 200, timeout: float | None = None):
     conv = Conversation(system="A test persona.", turns=(PromptTurn("user", text, speaker="Alice"),))
-    return GenerationRequest(key=key, conversation=conv, max_new_tokens=max_new_tokens, timeout=timeout)
+    return fake_request(key, conv, max_new_tokens, timeout=timeout)
 
 
 async def collect(generation) -> tuple[str, list, Finished]:
@@ -55,7 +57,7 @@ async def test_stop_strings_cut_the_reply():
     backend = FakeBackend("I pour a drink.\nAlice: thanks!<|user|>more")
     engine = await started(fake_engine(backend))
     req = request("c1")
-    req = GenerationRequest(key="c1", conversation=req.conversation, max_new_tokens=200, speakers=("Alice",))
+    req = replace(req, stops=("<|user|>", "\nAlice:"))
     text, _, finished = await collect(engine.generate(req))
     assert text == "I pour a drink."
     assert finished.stats.stop_reason == "stop"
@@ -206,11 +208,23 @@ async def test_time_limit_stops_generation():
     await engine.close()
 
 
-async def test_prompt_errors_pass_through_unchanged():
-    engine = await started(fake_engine(FakeBackend("x", n_ctx=256)))
-    conv = Conversation(system="p" * 400, turns=(PromptTurn("user", "hi", speaker="A"),))
-    with pytest.raises(PromptTooLarge):
-        await collect(engine.generate(GenerationRequest(key="A", conversation=conv, max_new_tokens=10)))
+async def test_a_prompt_wider_than_the_context_starts_at_the_first_cut_that_fits():
+    turns = tuple(
+        PromptTurn("user", f"message {i:02d}", speaker="A") if i % 2 == 0 else PromptTurn("model", f"reply {i}")
+        for i in range(40)
+    )
+    conv = Conversation(system="A test persona.", turns=turns)
+    wide = fake_request("A", conv, 10, n_ctx=4096)
+    backend = FakeBackend("ok", n_ctx=200)
+    engine = await started(fake_engine(backend))
+    _, events, finished = await collect(engine.generate(wide))
+    start = next(e for e in events if isinstance(e, Started)).window_start
+    assert start == min(c for c in wide.cuts if len(wide.tokens) - c + wide.head + 10 <= 200)
+    assert backend.prompts[-1] == ByteTokenizer().detokenize(wide.window(start)).decode()
+    assert finished.stats.prompt_tokens + 10 <= 200 and finished.stats.window_start == start
+    tight = GenerationRequest(key="A", tokens=wide.tokens, max_new_tokens=10, head=wide.head)  # no cuts
+    with pytest.raises(GenerationFailed):
+        await collect(engine.generate(tight))
     await engine.close()
 
 
@@ -268,3 +282,110 @@ def test_more_threads_than_cores_is_warned_about(caplog, monkeypatch):
         assert not caplog.records
         llama_engine(Settings(model=ModelSettings(workers=2, threads=3)), "model.gguf")
     assert "2 x 3 = 6 threads on 4 cores" in caplog.text
+
+
+# ------------------------------------------------------------------ stopping inside a long prompt evaluation
+
+
+async def test_cancel_and_time_limit_stop_a_long_prompt_evaluation_and_the_worker_serves_the_next():
+    backend = FakeBackend("abc", eval_seconds=30)
+    engine = await started(fake_engine(backend))
+    gen = engine.generate(request("A"))
+    await asyncio.sleep(0.1)  # evaluating the prompt
+    t0 = time.monotonic()
+    gen.cancel()
+    _, _, finished = await collect(gen)
+    assert time.monotonic() - t0 < 0.5
+    assert finished.stats.stop_reason == "cancelled" and finished.stats.generated_tokens == 0
+    t0 = time.monotonic()
+    _, _, finished = await collect(engine.generate(request("A", timeout=0.2)))
+    assert finished.stats.stop_reason == "timeout" and time.monotonic() - t0 < 0.7
+    backend.eval_seconds = 0
+    text, _, finished = await collect(engine.generate(request("A")))
+    assert text == "abc" and finished.stats.stop_reason == "eos"
+    await engine.close()
+
+
+async def test_close_is_bounded_by_the_grace_during_a_prompt_evaluation():
+    backend = FakeBackend("abc", eval_seconds=60)
+    engine = await started(fake_engine(backend))
+    running = engine.generate(request("A"))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await engine.close(grace=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 0.9
+    assert (await collect(running))[2].stats.stop_reason == "cancelled"
+    assert backend.closed
+
+
+async def test_close_leaves_a_worker_that_does_not_stop_and_still_returns(monkeypatch, caplog):
+    monkeypatch.setattr("bot.inference.engine.CLOSE_STOP_SECONDS", 0.2)
+    assert CLOSE_STOP_SECONDS > 0.2
+    release = threading.Event()
+    backend = FakeBackend("abc")
+    real_tokens = backend.tokens
+
+    def stuck(prompt, sampling, stop):
+        release.wait(10)  # a backend that cannot be interrupted
+        return real_tokens(prompt, sampling, stop)
+
+    backend.tokens = stuck  # type: ignore[method-assign]
+    engine = await started(fake_engine(backend))
+    running = engine.generate(request("A"))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await engine.close(grace=0.1)
+    assert time.monotonic() - t0 < 0.8
+    assert not backend.closed, "a model still in use is never freed"
+    assert "worker 0 did not stop in time" in caplog.text
+    release.set()
+    assert (await collect(running))[2].stats.stop_reason == "cancelled"
+
+
+def test_llama_cpp_python_is_pinned_to_the_tested_version():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pins = [d for d in project["dependencies"] if d.startswith("llama-cpp-python")]
+    # bot/inference/local/llama.py uses private attributes of llama_cpp.Llama: only the tested release may run it.
+    assert pins == [f"llama-cpp-python=={version('llama-cpp-python')}"]
+
+
+# ------------------------------------------------------------------ regenerate with a fixed seed
+
+
+async def test_regenerate_with_a_fixed_seed_samples_with_a_new_seed_each_time(db_url):
+    from bot.core.sessions import ChatService, Speaker
+    from persistence.database import Database
+    from persistence.repository import Repository
+
+    backend = FakeBackend("A reply.")
+    engine = await started(fake_engine(backend))
+    database = await Database.open(db_url)
+    try:
+        for seed, fixed in ((42, True), (-1, False)):
+            service = ChatService(Repository(database), engine, Settings(model=ModelSettings(seed=seed)))
+            session = await service.repo.start_session(f"s{seed}", persona_text="A bard.")
+            await service.add_user_turn(session, Speaker(1, "Alice"), "Hello")
+            seeds = []
+            stream = await service.reply(session)
+            async for _ in stream:
+                pass
+            turn = await stream.save()
+            seeds.append(backend.samplings[-1].seed)
+            for _ in range(3):
+                stream = await service.regenerate(session, turn)
+                async for _ in stream:
+                    pass
+                turn = await stream.save()
+                seeds.append(backend.samplings[-1].seed)
+            if fixed:
+                assert seeds[0] == 42, "a first reply is reproducible for the seed"
+                assert len(set(seeds)) == len(seeds), seeds
+            else:
+                assert seeds == [None] * 4, "without a fixed seed every sample is already new"
+    finally:
+        await database.close()
+        await engine.close()

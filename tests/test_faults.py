@@ -27,7 +27,7 @@ from bot.config import Settings
 from bot.discord_front.keys import channel_key
 from bot.discord_front.replies import DISCORD_TROUBLE_NOTICE, SAVE_FAILED_NOTICE, TIMEOUT_NOTICE
 from bot.errors import GenerationFailed
-from bot.inference.engine import Sampling
+from bot.inference.api import Sampling
 from persistence.records import Role, TurnStatus
 from tests.discord_fixtures import BotEnv, bot_env, replay, start_session, stored_turns, tavern_guild
 from tests.fake_backend import FakeBackend
@@ -240,9 +240,9 @@ async def test_missing_permissions_pause_that_channel_and_the_others_go_on(
 class FailsFirstTime(FakeBackend):
     """Fails mid-stream on its first generation, then works."""
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
         self.fail_after = 8 if not self.prompts else None
-        yield from super().tokens(prompt, sampling)
+        yield from super().tokens(prompt, sampling, stop)
 
 
 async def test_model_failure_mid_reply_is_told_and_the_queue_moves_on(db_url: str) -> None:

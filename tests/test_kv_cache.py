@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from bot.inference.engine import Engine, Finished, GenerationRequest, Started
-from bot.inference.local.state_cache import ALIGN_PROBE, StateCache, common_prefix, find_run, plan_window
+from bot.inference.api import Finished, GenerationRequest, Started
+from bot.inference.engine import Engine
+from bot.inference.local.state_cache import StateCache
+from bot.inference.window import ALIGN_PROBE, common_prefix, find_run, plan_window
 from bot.prompt.builder import Conversation, PromptTurn, build_prompt
-from tests.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend, fake_request
 
 # ------------------------------------------------------------------ StateCache
 
@@ -182,8 +184,8 @@ def conv(n: int, tag: str = "") -> Conversation:
     return Conversation(system="A test persona.", turns=items)
 
 
-def req(key: str, conversation: Conversation, max_new: int = 8) -> GenerationRequest:
-    return GenerationRequest(key=key, conversation=conversation, max_new_tokens=max_new)
+def req(key: str, conversation: Conversation, max_new: int = 8, n_ctx: int = 4096) -> GenerationRequest:
+    return fake_request(key, conversation, max_new, n_ctx=n_ctx)
 
 
 async def finish(engine: Engine, request: GenerationRequest) -> tuple[Started, Finished]:
@@ -301,10 +303,11 @@ async def test_sliding_window_shifts_or_trims_in_chunks(shift: bool):
     try:
         stats = []
         for n in range(2, 60):
-            _, done = await finish(engine, req("a", conv(n)))
+            _, done = await finish(engine, req("a", conv(n), n_ctx=400))
             stats.append(done.stats)
         full = [s for s in stats if s.evaluated_tokens > 100]
-        assert stats[-1].turns_used < 59, "the window must have slid"
+        last = build_prompt(backend.tokenizer, conv(59), n_ctx=400, max_new_tokens=8)
+        assert last.turns_from(stats[-1].window_start) < 59, "the window must have slid"
         if shift:
             assert not full, [s.evaluated_tokens for s in stats]
         else:

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from bot.config import CacheSettings, ModelSettings
-from bot.inference.engine import GenerationRequest, Sampling, run_generation
+from bot.core.sessions import generation_request
+from bot.inference.api import GenerationRequest, GenerationStats, Sampling
+from bot.inference.engine import run_generation
 from bot.inference.local.llama import LlamaBackend
-from bot.inference.local.state_cache import StateCache, common_prefix
-from bot.prompt.builder import Conversation, PromptTurn, build_prompt
+from bot.inference.local.state_cache import StateCache
+from bot.inference.window import common_prefix
+from bot.prompt.builder import Conversation, Prompt, PromptTurn, build_prompt
 
 pytestmark = pytest.mark.model
 
@@ -35,7 +38,7 @@ def fresh(demo_model_path):
 
 def next_logits(b: LlamaBackend, prompt: list[int]) -> np.ndarray:
     """Evaluate what `prompt` still needs and return the logits for the token after it."""
-    gen = b.tokens(prompt, GREEDY)
+    gen = b.tokens(prompt, GREEDY, lambda: False)
     next(gen)
     logits = np.ctypeslib.as_array(b.llm._ctx.get_logits_ith(-1), shape=(b.llm.n_vocab(),)).copy()
     gen.close()
@@ -146,24 +149,28 @@ def test_state_round_trips_as_a_read_only_view_and_as_bytes(demo_model_path, fre
         b.close()
 
 
-def long_request(turns: int, max_new: int = 16) -> GenerationRequest:
+def long_request(b: LlamaBackend, turns: int, max_new: int = 16) -> tuple[GenerationRequest, Prompt]:
     texts = [f"Line {i}: the parrot squawks about island number {i} and its golden sand." for i in range(turns)]
-    return GenerationRequest(key="a", conversation=conversation(*texts), max_new_tokens=max_new, sampling=GREEDY)
+    return generation_request(b.tokenizer, conversation(*texts), key="a", n_ctx=b.n_ctx, max_new_tokens=max_new,
+                              sampling=GREEDY)
 
 
-def generate(b, request):
-    return run_generation(b, request, threading.Event(), lambda _chunk: None)
+def generate(b, built: tuple[GenerationRequest, Prompt]) -> tuple[GenerationStats, int]:
+    """Run the request; return its stats and how many turns its window reached back over."""
+    request, prompt = built
+    stats = run_generation(b, request, threading.Event(), lambda _chunk: None)
+    return stats, prompt.turns_from(stats.window_start)
 
 
 def test_sliding_window_shifts_the_cache_when_the_model_can(demo_model_path):
     b = backend(demo_model_path, StateCache(64 * 2**20), n_ctx=256)
     try:
         assert b.can_shift and b.context_shift
-        generate(b, long_request(9))
-        stats = None
+        generate(b, long_request(b, 9))
+        stats, used = None, 0
         for turns in range(10, 16):
-            stats = generate(b, long_request(turns))
-        assert stats is not None and stats.turns_used < 15, "the window must have slid"
+            stats, used = generate(b, long_request(b, turns))
+        assert stats is not None and used < 15, "the window must have slid"
         assert stats.evaluated_tokens < 60, stats
     finally:
         b.close()
@@ -180,8 +187,9 @@ def test_without_shift_the_window_is_trimmed_in_chunks(demo_model_path, monkeypa
         assert not b.context_shift
         if why == "model cannot shift":
             assert not b.can_shift  # asked for, but the model cannot
-        stats = [generate(b, long_request(turns)) for turns in range(8, 24)]
-        assert stats[-1].turns_used < 23, "the window must have slid"
+        runs = [generate(b, long_request(b, turns)) for turns in range(8, 24)]
+        stats = [s for s, _ in runs]
+        assert runs[-1][1] < 23, "the window must have slid"
         # Mostly only the new turn is evaluated; the occasional trim re-evaluates the window.
         cheap = [s.evaluated_tokens for s in stats if s.evaluated_tokens < 60]
         assert len(cheap) >= len(stats) * 2 // 3, [s.evaluated_tokens for s in stats]

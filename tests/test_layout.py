@@ -93,8 +93,6 @@ def test_the_prompt_wing_is_pure() -> None:
     assert violations(("bot.prompt",), forbidden) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bot/inference/engine.py builds Metharme prompts (imports bot.prompt) "
-                   "until the inference reshape lands")
 def test_the_inference_wing_knows_no_discord_persistence_prompt_or_core() -> None:
     forbidden = ("discord", "persistence", "bot.prompt", "bot.core", "bot.discord_front")
     assert violations(("bot.inference",), forbidden) == []

@@ -431,9 +431,24 @@ def test_window_invariants(spm_vocab, conversation: Conversation, n_ctx: int, ma
         return
     assert len(prompt.tokens) <= limit
     assert prompt.turns_used >= min(1, len(conversation.turns))
-    kept = conversation.turns[len(conversation.turns) - prompt.turns_used :]
-    tail = Conversation(conversation.system, kept, conversation.continue_last)
-    assert prompt.tokens == build_prompt(spm_vocab, tail, n_ctx=BIG, max_new_tokens=0).tokens
+    assert list(prompt.cuts) == sorted(set(prompt.cuts)) and len(prompt.cuts) == len(prompt.cut_turns)
+    head = prompt.system_tokens
+    closing = 0 if conversation.continue_last else len(mid_tokens(spm_vocab, MODEL))
+    turn_room = limit - head - closing
+
+    def never_fits(turn: PromptTurn) -> bool:
+        alone = build_prompt(spm_vocab, Conversation(conversation.system, (turn,)), n_ctx=BIG, max_new_tokens=0)
+        return len(alone.tokens) - head - len(mid_tokens(spm_vocab, MODEL)) > turn_room
+
+    # The window, and every shorter one starting at a cut, is exactly the prompt of the turns it
+    # reaches back over, less those that alone could never fit.
+    for start, used in ((head, prompt.turns_used), *zip(prompt.cuts, prompt.cut_turns, strict=True)):
+        assert prompt.turns_from(start) == used
+        reached = conversation.turns[len(conversation.turns) - used :]
+        kept = tuple(turn for turn in reached[:-1] if not never_fits(turn)) + reached[-1:]
+        tail = Conversation(conversation.system, kept, conversation.continue_last)
+        window = prompt.tokens[:head] + prompt.tokens[start:]
+        assert window == build_prompt(spm_vocab, tail, n_ctx=BIG, max_new_tokens=0).tokens
 
 
 def test_persona_alone_too_large(spm_vocab) -> None:
@@ -504,3 +519,55 @@ def test_empty_conversation_opens_a_reply(spm_vocab) -> None:
     prompt = build_prompt(spm_vocab, Conversation("", ()), n_ctx=BIG, max_new_tokens=8)
     assert spm_vocab.detokenize(prompt.tokens).decode() == "<|system|><|model|>"
     assert prompt.turns_used == 0
+
+
+# --------------------------------------------------------------------------- turns that can never fit
+
+
+def test_a_turn_too_big_for_any_window_is_skipped_and_older_turns_still_read(spm_vocab) -> None:
+    huge = "word " * 600
+    room_for = len(mid_tokens(spm_vocab, "word " * 300))
+    turns = (
+        PromptTurn("user", "the map is old", "Al"),
+        PromptTurn("model", "It is."),
+        PromptTurn("user", huge, "Bea"),  # answered with a notice, stored all the same
+        PromptTurn("user", "anyone there?", "Al"),
+    )
+    base = build_prompt(spm_vocab, Conversation("Persona.", ()), n_ctx=BIG, max_new_tokens=0)
+    n_ctx = len(base.tokens) + room_for + 32
+    prompt = build_prompt(spm_vocab, Conversation("Persona.", turns), n_ctx=n_ctx, max_new_tokens=32)
+    text = spm_vocab.detokenize(prompt.tokens).decode()
+    assert text == "<|system|>Persona.<|user|>Al: the map is old<|model|>It is.<|user|>Al: anyone there?<|model|>"
+    assert prompt.turns_used == 4
+    # The newest turn never fits: the caller still hears of it.
+    with pytest.raises(MessageTooLarge):
+        build_prompt(spm_vocab, Conversation("Persona.", turns[:3]), n_ctx=n_ctx, max_new_tokens=32)
+    # A model turn that can never fit goes too, and the user turns around it join one block.
+    between = (turns[0], PromptTurn("model", huge), PromptTurn("user", "hello?", "Cy"))
+    joined = build_prompt(spm_vocab, Conversation("Persona.", between), n_ctx=n_ctx, max_new_tokens=32)
+    assert spm_vocab.detokenize(joined.tokens).decode().endswith("<|user|>Al: the map is old\nCy: hello?<|model|>")
+    # A turn that fits alone but not beside the newer ones still ends the window.
+    def fits(turn: PromptTurn) -> bool:
+        try:
+            build_prompt(spm_vocab, Conversation("Persona.", (turn,)), n_ctx=n_ctx, max_new_tokens=32)
+        except MessageTooLarge:
+            return False
+        return True
+
+    largest = next(t for k in range(300, 0, -1) if fits(t := PromptTurn("model", "word " * k)))
+    fits_alone = (PromptTurn("user", "old news", "Al"), largest, turns[3])
+    tight = build_prompt(spm_vocab, Conversation("Persona.", fits_alone), n_ctx=n_ctx, max_new_tokens=32)
+    assert tight.turns_used == 1
+
+
+def test_cuts_are_block_starts_that_give_the_shorter_prompts(spm_vocab) -> None:
+    turns = (*_chat(6), PromptTurn("user", "last", "Al"), PromptTurn("user", "words", "Bea"))
+    prompt = build_prompt(spm_vocab, Conversation("Persona.", turns), n_ctx=BIG, max_new_tokens=8)
+    blocks = spm_vocab.detokenize(prompt.tokens).decode().count("<|user|>") + spm_vocab.detokenize(
+        prompt.tokens).decode().count("<|model|>") - 1  # the closing marker opens no block
+    assert len(prompt.cuts) == blocks - 1
+    for cut in prompt.cuts:
+        assert spm_vocab.detokenize(prompt.tokens[cut:]).decode().startswith(("<|user|>", "<|model|>"))
+    last = spm_vocab.detokenize(prompt.tokens[: prompt.system_tokens] + prompt.tokens[prompt.cuts[-1] :]).decode()
+    assert last == "<|system|>Persona.<|user|>Al: last\nBea: words<|model|>"
+    assert prompt.turns_from(prompt.cuts[-1]) == 2

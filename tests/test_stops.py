@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bot.inference.stops import StopScanner
 from bot.prompt.builder import ROLE_MARKERS
-from bot.prompt.stops import StopScanner, clean_reply, reply_stops
+from bot.prompt.stops import clean_reply, reply_stops
 
 # A small alphabet makes stop strings, and near misses of them, frequent.
 ALPHABET = "ab<|>\nA:"

@@ -5,24 +5,30 @@ This is the one path both front ends use: the terminal chat and the Discord cogs
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.config import Settings
 from bot.errors import PersonaMissing, PersonaTooLarge
-from bot.inference.engine import Chunk, Engine, Finished, GenerationRequest, GenerationStats, Sampling, Text
+from bot.inference.api import Chunk, Finished, GenerationRequest, GenerationStats, Sampling, Started, Text
+from bot.inference.engine import Engine, Generation
 from bot.prompt.builder import (
     Conversation,
+    MessageTooLarge,
+    Prompt,
+    PromptTooLarge,
     PromptTurn,
     Tokenizer,
+    build_prompt,
     count_tokens,
     longest_token_chars,
     speaker_label,
     system_budget,
 )
-from bot.prompt.stops import clean_reply
+from bot.prompt.stops import clean_reply, reply_stops
 from persistence.records import PROMPT_ROLES, ChannelSession, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
 
@@ -61,15 +67,64 @@ def conversation_for(session: ChannelSession, turns: list[Turn], *, continue_las
                         character=session.persona_name or "")
 
 
+def generation_request(
+    tokenizer: Tokenizer,
+    conversation: Conversation,
+    *,
+    key: str,
+    n_ctx: int,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    speakers: Sequence[str] = (),
+    timeout: float | None = None,
+) -> tuple[GenerationRequest, Prompt]:
+    """Build the Metharme prompt for `conversation` and the engine request that carries it.
+
+    The request holds the widest window that fits `n_ctx`, the persona as its fixed head, and the
+    block starts as the cuts the engine may trim at. Blocking (tokenizes): run it off the event loop.
+    Raises PromptTooLarge or MessageTooLarge as `build_prompt` does.
+    """
+    prompt = build_prompt(tokenizer, conversation, n_ctx=n_ctx, max_new_tokens=max_new_tokens)
+    request = GenerationRequest(
+        key=key,
+        tokens=tuple(prompt.tokens),
+        max_new_tokens=max_new_tokens,
+        head=prompt.system_tokens,
+        cuts=prompt.cuts,
+        sampling=sampling or Sampling(),
+        stops=tuple(reply_stops(speakers)),
+        timeout=timeout,
+    )
+    return request, prompt
+
+
+def regeneration_seed(seed: int, turn: Turn, attempt: int) -> int:
+    """A seed for regenerating `turn`, other than `seed` and other for each attempt and each text replaced.
+
+    A fixed `model.seed` makes a first reply reproducible; a regeneration must still give a new text,
+    also after a restart (the replaced text is part of the mix, not only the in-memory attempt count).
+    """
+    material = f"{seed}:{turn.id}:{attempt}:{turn.content}".encode()
+    return int.from_bytes(hashlib.blake2b(material, digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
 class ReplyStream:
-    """A reply being generated: iterate for chunks, then `save()` what it produced."""
+    """A reply being generated: iterate for chunks, then `save()` what it produced.
+
+    A prompt that could not be built (PromptTooLarge, MessageTooLarge) is raised by the iteration,
+    where engine errors are raised too.
+    """
 
     def __init__(
         self,
         service: ChatService,
         session: ChannelSession,
-        request: GenerationRequest,
+        request: GenerationRequest | None,
+        prompt: Prompt | None,
         *,
+        conversation: Conversation,
+        speakers: Sequence[str] = (),
+        failure: Exception | None = None,
         prefix: str = "",
         continues: Turn | None = None,
         into: Turn | None = None,
@@ -77,6 +132,11 @@ class ReplyStream:
         self._service = service
         self.session = session
         self.request = request
+        self.prompt = prompt
+        self.conversation = conversation  # what the prompt was built from
+        self.speakers = tuple(speakers)
+        self._failure = failure
+        self.window_start: int | None = None
         self.prefix = prefix
         self.continues = continues
         # The stored model turn `save()` overwrites in place: reserved when the reply started, or the
@@ -84,22 +144,36 @@ class ReplyStream:
         self.into = into
         self.raw = ""
         self.stats: GenerationStats | None = None
-        self._generation = service.engine.generate(request)
+        self._generation: Generation | None = None
+        if request is not None and failure is None:
+            self._generation = service.engine.generate(request)
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
+        if self._failure is not None:
+            raise self._failure
+        assert self._generation is not None
         async for chunk in self._generation:
             if isinstance(chunk, Text):
                 self.raw += chunk.text
+            elif isinstance(chunk, Started):
+                self.window_start = chunk.window_start
             elif isinstance(chunk, Finished):
                 self.stats = chunk.stats
             yield chunk
+
+    @property
+    def turns_used(self) -> int | None:
+        """How many of the newest stored turns the prompt reached back over (once generation started)."""
+        if self.prompt is None or self.window_start is None:
+            return None
+        return self.prompt.turns_from(self.window_start)
 
     @property
     def text(self) -> str:
         """The reply so far (whole reply for a continuation), cut at stops and trimmed."""
         # A continuation does not start a reply, so it has no echoed name to remove.
         echo = "" if self.continues else self.session.persona_name or ""
-        return clean_reply(self.prefix + self.raw, self.request.speakers, echo, partial=self.stats is None)
+        return clean_reply(self.prefix + self.raw, self.speakers, echo, partial=self.stats is None)
 
     @property
     def interrupted(self) -> bool:
@@ -107,8 +181,9 @@ class ReplyStream:
         return self.stats is None or self.stats.stop_reason in ("cancelled", "timeout")
 
     def cancel(self) -> None:
-        """Stop generating at the next token."""
-        self._generation.cancel()
+        """Stop generating (also during the prompt's evaluation)."""
+        if self._generation is not None:
+            self._generation.cancel()
 
     async def save(self, message_ids: tuple[int, ...] = ()) -> Turn | None:
         """Store the reply as a model turn (or extend the continued one); None when it is empty.
@@ -144,6 +219,7 @@ class ChatService:
         self.engine = engine
         self.settings = settings
         self._chars_per_token: int | None = None  # see `longest_token_chars`
+        self._regenerations: dict[int, int] = {}  # turn id -> regenerations since start
 
     @property
     def window_turns(self) -> int:
@@ -175,9 +251,13 @@ class ChatService:
 
         return await self.engine.with_tokenizer(budget)
 
+    async def count_tokens(self, text: str) -> int:
+        """Count the tokens of user-supplied text as the prompt builder counts them."""
+        return await self.engine.with_tokenizer(lambda tokenizer: count_tokens(tokenizer, text))
+
     async def check_persona(self, text: str) -> int:
         """Return the persona's token count; raise PersonaTooLarge (with both numbers) if it does not fit."""
-        tokens = await self.engine.tokenize_count(text)
+        tokens = await self.count_tokens(text)
         allowed = await self.persona_budget()
         if tokens > allowed:
             raise PersonaTooLarge(tokens, allowed)
@@ -212,10 +292,10 @@ class ChatService:
         """
         turns = await self._window(session)
         if not reserve:
-            return self._stream(session, turns, continue_last=False)
+            return await self._stream(session, turns, continue_last=False)
         reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING)
         try:
-            return self._stream(session, turns, continue_last=False, into=reserved)
+            return await self._stream(session, turns, continue_last=False, into=reserved)
         except Exception:
             await self.repo.delete_turn(reserved.id)  # the engine refused it (queue full, closing)
             raise
@@ -223,8 +303,7 @@ class ChatService:
     async def continue_reply(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Extend the model turn `turn` (the latest one) with more text."""
         turns = await self._window(session)
-        stream = self._stream(session, turns, continue_last=True, continues=turn)
-        return stream
+        return await self._stream(session, turns, continue_last=True, continues=turn)
 
     async def regenerate(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Start a new reply in place of the model turn `turn`; `save()` overwrites `turn` where it stands."""
@@ -232,9 +311,14 @@ class ChatService:
         # older turn that fits without it.
         turns = await self.repo.recent_turns(session.id, self.window_turns)
         kept = [t for t in turns if t.id != turn.id]
-        return self._stream(session, kept, continue_last=False, into=turn)
+        sampling = self.sampling_for(session)
+        if sampling.seed is not None:
+            attempt = self._regenerations.get(turn.id, 0) + 1
+            self._regenerations[turn.id] = attempt
+            sampling = replace(sampling, seed=regeneration_seed(sampling.seed, turn, attempt))
+        return await self._stream(session, kept, continue_last=False, into=turn, sampling=sampling)
 
-    def _stream(
+    async def _stream(
         self,
         session: ChannelSession,
         turns: list[Turn],
@@ -242,6 +326,7 @@ class ChatService:
         continue_last: bool,
         continues: Turn | None = None,
         into: Turn | None = None,
+        sampling: Sampling | None = None,
     ) -> ReplyStream:
         if not session.persona_text.strip():
             raise PersonaMissing()
@@ -249,13 +334,22 @@ class ChatService:
         # As the prompt shows them, so the stops name no member by the character's own name.
         speakers = tuple(dict.fromkeys(
             speaker_label(t.author_name, character) for t in turns if t.role is Role.USER and t.author_name))
-        request = GenerationRequest(
-            key=session.channel_key,
-            conversation=conversation_for(session, turns, continue_last=continue_last),
-            max_new_tokens=self.max_new_tokens_for(session),
-            sampling=self.sampling_for(session),
-            speakers=speakers,
-            timeout=self.settings.engine.timeout_seconds,
-        )
-        prefix = (continues.content if continues else "")
-        return ReplyStream(self, session, request, prefix=prefix, continues=continues, into=into)
+        conversation = conversation_for(session, turns, continue_last=continue_last)
+        max_new = self.max_new_tokens_for(session)
+        chosen = sampling or self.sampling_for(session)
+
+        def build(tokenizer: Tokenizer) -> tuple[GenerationRequest, Prompt]:
+            return generation_request(
+                tokenizer, conversation, key=session.channel_key, n_ctx=self.engine.n_ctx, max_new_tokens=max_new,
+                sampling=chosen, speakers=speakers, timeout=self.settings.engine.timeout_seconds,
+            )
+
+        prefix = continues.content if continues else ""
+        try:
+            request, prompt = await self.engine.with_tokenizer(build)
+        except (PromptTooLarge, MessageTooLarge) as exc:
+            # Raised where the stream is read, as every other reason a reply cannot be written.
+            return ReplyStream(self, session, None, None, conversation=conversation, speakers=speakers,
+                               failure=exc, prefix=prefix, continues=continues, into=into)
+        return ReplyStream(self, session, request, prompt, conversation=conversation, speakers=speakers,
+                           prefix=prefix, continues=continues, into=into)

@@ -1,9 +1,10 @@
-"""Generation engine: worker threads, each owning one model context, behind a fair asyncio queue.
+"""The fair scheduler: worker threads, each owning one model context, behind a fair asyncio queue.
 
 The event loop never runs model code. Each worker has a single-thread executor, so a context is only
-ever used from its own thread. Requests carry a key (the channel): one request per key runs at a
-time, keys take turns round-robin, and the wait is bounded in total and per key. Cancellation is
-checked between tokens because a ctypes call cannot be interrupted.
+ever used from its own thread. Requests (`bot.inference.api`) carry a key (the channel): one request
+per key runs at a time, keys take turns round-robin, and the wait is bounded in total and per key.
+Cancellation and time limits are checked between tokens and handed to the backend, which may stop
+inside a long step (llama.cpp's abort callback stops a prompt evaluation part-way).
 """
 
 from __future__ import annotations
@@ -14,181 +15,35 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull, TavernError
-from bot.inference.local.state_cache import plan_window
-from bot.prompt.builder import (
-    Conversation,
-    MessageTooLarge,
-    Prompt,
-    PromptTooLarge,
+from bot.inference.api import (
+    Backend,
+    Chunk,
+    Finished,
+    GenerationRequest,
+    GenerationStats,
+    Queued,
+    ReusingBackend,
+    Started,
+    StopReason,
+    Text,
     Tokenizer,
-    build_prompt,
-    count_tokens,
 )
-from bot.prompt.stops import StopScanner, reply_stops
+from bot.inference.stops import StopScanner
+from bot.inference.window import fit_window
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-StopReason = Literal["eos", "stop", "length", "cancelled", "timeout"]
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """Sampling settings for one request."""
-
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    seed: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """What to generate: `key` serialises requests (one channel), `speakers` add `\\nName:` stops."""
-
-    key: str
-    conversation: Conversation
-    max_new_tokens: int
-    sampling: Sampling = Sampling()
-    speakers: tuple[str, ...] = ()
-    timeout: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationStats:
-    """Figures of one finished generation."""
-
-    prompt_tokens: int
-    turns_used: int
-    generated_tokens: int
-    first_token_seconds: float | None
-    seconds: float
-    stop_reason: StopReason
-    evaluated_tokens: int = 0
-    reused_tokens: int = 0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens per second of generation (after the first token)."""
-        if self.first_token_seconds is None or self.generated_tokens < 2:
-            return 0.0
-        span = self.seconds - self.first_token_seconds
-        return (self.generated_tokens - 1) / span if span > 0 else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """The request waits; `position` 1 means it runs next."""
-
-    position: int
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """A worker took the request and built its prompt."""
-
-    worker: int
-    prompt_tokens: int
-    turns_used: int
-    evaluated_tokens: int = 0
-    reused_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
-    """A piece of reply text, already cut at stop strings."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """The last event of every generation."""
-
-    stats: GenerationStats
-
-
-Chunk = Queued | Started | Text | Finished
-
-
-class Backend(Protocol):
-    """Runs in one worker thread: a tokenizer plus a token generator over one model context."""
-
-    tokenizer: Tokenizer
-    n_ctx: int
-
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        """Yield generated token ids for `prompt` (blocking)."""
-        ...
-
-    def piece(self, token: int) -> bytes:
-        """Return the bytes of one generated token."""
-        ...
-
-    def is_end(self, token: int) -> bool:
-        """True for end-of-generation tokens (EOS, EOT)."""
-        ...
-
-    def close(self) -> None:
-        """Free the model context."""
-        ...
-
-
-@runtime_checkable
-class ReusingBackend(Backend, Protocol):
-    """A backend that keeps KV caches between requests (optional; see `bot.inference.local.state_cache`).
-
-    `cached_tokens(key)` are the tokens of the KV cache `prepare(key, ...)` will start from (held
-    live or saved for `key`, else whatever the context holds). `prepare` makes the context hold
-    `key`, shifts `slide` tokens after the first `head` out of it when asked, and returns how many
-    leading tokens of `prompt` are already evaluated.
-    """
-
-    context_shift: bool
-    trim_fraction: float
-
-    def cached_tokens(self, key: str) -> Sequence[int]:
-        """Tokens of the KV cache `key` would start from."""
-        ...
-
-    def prepare(self, key: str, prompt: list[int], *, head: int = 0, slide: int = 0) -> int:
-        """Load `key`'s state for `prompt`; return the number of prompt tokens reused."""
-        ...
-
-
-def fit_window(backend: ReusingBackend, request: GenerationRequest, prompt: Prompt) -> tuple[Prompt, int]:
-    """Choose the window so the cached KV is reused; return it and the tokens to shift out of the cache.
-
-    When the window slides and the cache cannot shift, the window is trimmed by a large chunk, and
-    later turns keep that start as long as they fit, so a full re-evaluation happens only when a
-    chunk's worth of new conversation has arrived.
-    """
-    cached = backend.cached_tokens(request.key)
-    plan = plan_window(prompt.tokens, prompt.system_tokens, cached)
-    if plan.kind == "slide" and backend.context_shift:
-        return prompt, plan.offset
-    conversation, max_new = request.conversation, request.max_new_tokens
-    if plan.kind == "align":
-        size = len(prompt.tokens) - plan.offset
-        aligned = build_prompt(backend.tokenizer, conversation, n_ctx=size + max_new, max_new_tokens=max_new)
-        expected = prompt.tokens[: plan.head] + prompt.tokens[plan.head + plan.offset :]
-        return (aligned, 0) if aligned.tokens == expected else (prompt, 0)
-    if plan.kind == "slide":
-        room = backend.n_ctx - max_new - prompt.system_tokens
-        trimmed_ctx = backend.n_ctx - int(room * backend.trim_fraction)
-        try:
-            return build_prompt(backend.tokenizer, conversation, n_ctx=trimmed_ctx, max_new_tokens=max_new), 0
-        except (PromptTooLarge, MessageTooLarge):
-            return prompt, 0
-    return prompt, 0
+# How long `Engine.close` waits, after the grace, for cancelled generations to stop. Backends stop
+# within one step of work (a token, or a slice of prompt evaluation through llama.cpp's abort
+# callback); a worker still busy after this is left behind and its model is not freed.
+CLOSE_STOP_SECONDS = 5.0
 
 
 def run_generation(
@@ -198,57 +53,75 @@ def run_generation(
     emit: Callable[[Chunk], None],
     worker: int = 0,
 ) -> GenerationStats:
-    """Build the prompt and generate one reply on the calling thread, emitting chunks as they come."""
+    """Choose the request's window and generate one reply on the calling thread, emitting chunks as they come."""
     started = time.perf_counter()
     deadline = started + request.timeout if request.timeout else None
-    prompt = build_prompt(
-        backend.tokenizer, request.conversation, n_ctx=backend.n_ctx, max_new_tokens=request.max_new_tokens
-    )
+
+    def stop() -> bool:
+        return cancel.is_set() or (deadline is not None and time.perf_counter() > deadline)
+
     reused = 0
     if isinstance(backend, ReusingBackend):
-        prompt, slide = fit_window(backend, request, prompt)
-        reused = backend.prepare(request.key, prompt.tokens, head=prompt.system_tokens, slide=slide)
-    evaluated = len(prompt.tokens) - reused
-    emit(Started(worker, len(prompt.tokens), prompt.turns_used, evaluated, reused))
-    scanner = StopScanner(reply_stops(request.speakers))
+        start, slide = fit_window(
+            request, n_ctx=backend.n_ctx, cached=backend.cached_tokens(request.key),
+            context_shift=backend.context_shift, trim_fraction=backend.trim_fraction,
+        )
+        prompt = request.window(start)
+        reused = backend.prepare(request.key, prompt, head=request.head, slide=slide)
+    else:
+        start, _ = fit_window(request, n_ctx=backend.n_ctx)
+        prompt = request.window(start)
+    evaluated = len(prompt) - reused
+    emit(Started(worker, len(prompt), evaluated, reused, start))
+    scanner = StopScanner(request.stops)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     generated = 0
     first_token: float | None = None
-    reason: StopReason = "length"
-    for token in backend.tokens(prompt.tokens, request.sampling):
-        if cancel.is_set():
-            reason = "cancelled"
-            break
-        if backend.is_end(token):
-            reason = "eos"
-            break
-        generated += 1
-        if first_token is None:
-            first_token = time.perf_counter() - started
-        text = scanner.feed(decoder.decode(backend.piece(token)))
-        if text:
-            emit(Text(text))
-        if scanner.stopped:
-            reason = "stop"
-            break
-        if generated >= request.max_new_tokens:
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            reason = "timeout"
-            break
+    reason: StopReason | None = None
+    tokens = backend.tokens(prompt, request.sampling, stop)
+    try:
+        for token in tokens:
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            if backend.is_end(token):
+                reason = "eos"
+                break
+            generated += 1
+            if first_token is None:
+                first_token = time.perf_counter() - started
+            text = scanner.feed(decoder.decode(backend.piece(token)))
+            if text:
+                emit(Text(text))
+            if scanner.stopped:
+                reason = "stop"
+                break
+            if generated >= request.max_new_tokens:
+                reason = "length"
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                reason = "timeout"
+                break
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()  # a generator left open would finish its clean-up later, on another thread
+    if reason is None:
+        # The backend ended early: it noticed `stop()` (cancelled, or out of time) or ran dry.
+        reason = "cancelled" if cancel.is_set() else "timeout" if stop() else "length"
     if not scanner.stopped:
         tail = scanner.feed(decoder.decode(b"", final=True)) + scanner.flush()
         if tail:
             emit(Text(tail))
     return GenerationStats(
-        prompt_tokens=len(prompt.tokens),
-        turns_used=prompt.turns_used,
+        prompt_tokens=len(prompt),
         generated_tokens=generated,
         first_token_seconds=first_token,
         seconds=time.perf_counter() - started,
         stop_reason=reason,
         evaluated_tokens=evaluated,
         reused_tokens=reused,
+        window_start=start,
     )
 
 
@@ -265,6 +138,7 @@ class _Job:
     position: int = 0
     running: bool = False
     done: bool = False
+    worker: int = -1
 
 
 @dataclass(eq=False)
@@ -307,7 +181,7 @@ class Generation:
         self.cancel()
 
     def cancel(self) -> None:
-        """Stop the request: drop it from the queue, or stop the worker at the next token."""
+        """Stop the request: drop it from the queue, or stop its worker (at the next token, or inside a long step)."""
         self._engine._cancel_job(self._job)
 
 
@@ -381,10 +255,6 @@ class Engine:
         worker = self._workers[index]
         return await asyncio.get_running_loop().run_in_executor(worker.executor, fn, worker.backend)
 
-    async def tokenize_count(self, text: str) -> int:
-        """Count the tokens of user-supplied text as the prompt builder counts them."""
-        return await self.with_tokenizer(lambda tokenizer: count_tokens(tokenizer, text))
-
     def generate(self, request: GenerationRequest) -> Generation:
         """Queue a request and return its chunk stream; raise a TavernError when it cannot be queued."""
         if self._closed or not self._workers:
@@ -410,7 +280,11 @@ class Engine:
         return len(jobs)
 
     async def close(self, grace: float = 10.0) -> None:
-        """Stop taking work, cancel queued requests, let running ones finish for `grace` seconds, free models."""
+        """Stop taking work, cancel queued requests, let running ones finish for `grace` seconds, free models.
+
+        Returns within about `grace` + CLOSE_STOP_SECONDS: running requests are cancelled when the
+        grace is over, and a worker that still does not stop is left to its thread, unfreed.
+        """
         self._closed = True
         for jobs in list(self._pending.values()):
             for job in list(jobs):
@@ -420,9 +294,14 @@ class Engine:
             if still:
                 for job in self._running.values():
                     job.cancel.set()
-                await asyncio.wait(still)
+                await asyncio.wait(still, timeout=CLOSE_STOP_SECONDS)
         loop = asyncio.get_running_loop()
+        busy = {job.worker for job in self._running.values()}
         for worker in self._workers:
+            if worker.index in busy:
+                log.warning("worker %d did not stop in time; its model is not freed", worker.index)
+                worker.executor.shutdown(wait=False)
+                continue
             try:
                 await loop.run_in_executor(worker.executor, worker.backend.close)
             finally:
@@ -442,7 +321,7 @@ class Engine:
             if not jobs:
                 del self._pending[job.request.key]
         job.done = True
-        job.events.put_nowait(Finished(GenerationStats(0, 0, 0, None, 0.0, "cancelled")))
+        job.events.put_nowait(Finished(GenerationStats(0, 0, None, 0.0, "cancelled")))
         self._announce_positions()
 
     def _next_job(self) -> _Job | None:
@@ -463,6 +342,7 @@ class Engine:
                 break
             worker = self._pick_worker(job.request.key)
             job.running = True
+            job.worker = worker.index
             self._running[job.request.key] = job
             task = asyncio.get_running_loop().create_task(self._run(worker, job))
             self._tasks.add(task)
@@ -512,9 +392,6 @@ class Engine:
                 worker.executor, run_generation, worker.backend, job.request, job.cancel, emit, worker.index
             )
         except TavernError as exc:
-            job.events.put_nowait(_Failure(exc))
-        except (PromptTooLarge, MessageTooLarge) as exc:
-            # The caller explains these with the numbers they carry.
             job.events.put_nowait(_Failure(exc))
         except Exception as exc:
             log.exception("generation failed (key=%s, worker=%d)", job.request.key, worker.index)

@@ -218,13 +218,25 @@ class Conversation:
 class Prompt:
     """A built prompt.
 
-    `turns_used` counts the newest input turns that were kept (before user turns are merged);
-    `system_tokens` is the length of the fixed prefix: BOS, `<|system|>` and the persona.
+    `turns_used` counts the newest input turns the window reaches back over (before user turns are
+    merged), from the oldest kept one on; turns skipped inside it because they alone can never fit
+    count too. `system_tokens` is the length of the fixed prefix: BOS, `<|system|>` and the persona.
+    `cuts` are where each kept block but the oldest starts: `tokens[:system_tokens] + tokens[cut:]`
+    is exactly the prompt a smaller window starting at that block would give, and `cut_turns` says
+    how many turns that window reaches back over.
     """
 
     tokens: list[int]
     turns_used: int
     system_tokens: int
+    cuts: tuple[int, ...] = ()
+    cut_turns: tuple[int, ...] = ()
+
+    def turns_from(self, start: int) -> int:
+        """`turns_used` of the window that starts at `start` (`system_tokens` or one of `cuts`)."""
+        if start <= self.system_tokens:
+            return self.turns_used
+        return self.cut_turns[self.cuts.index(start)]
 
 
 class PromptTooLarge(ValueError):
@@ -369,23 +381,12 @@ def _speaker_line(turn: PromptTurn, character: str = "") -> str:
     return "\n".join(f"{label}: {line}" for line in turn.text.splitlines() or [""])
 
 
-def _runs(turns: Sequence[PromptTurn]) -> list[list[PromptTurn]]:
-    """Group turns into prompt blocks: each model turn alone, consecutive user turns together."""
-    runs: list[list[PromptTurn]] = []
-    for turn in turns:
-        if turn.role not in ("user", "model"):
-            raise ValueError(f"unknown turn role {turn.role!r}")
-        if turn.role == "user" and runs and runs[-1][0].role == "user":
-            runs[-1].append(turn)
-        else:
-            runs.append([turn])
-    return runs
-
-
 def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int, max_new_tokens: int) -> Prompt:
     """Build the prompt token list, keeping the persona fixed and as many of the newest turns as fit.
 
-    The prompt plus `max_new_tokens` never exceeds `n_ctx` (exactly full is allowed). Raises
+    The prompt plus `max_new_tokens` never exceeds `n_ctx` (exactly full is allowed). A turn that
+    alone is larger than all the room for turns can never fit: it is skipped and older turns are
+    still read. The first turn that merely does not fit in the room left ends the window. Raises
     PromptTooLarge when the persona alone does not fit and MessageTooLarge when the newest turn does not.
     """
     if n_ctx <= 0 or max_new_tokens < 0:
@@ -393,7 +394,9 @@ def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int
     turns = conversation.turns
     if conversation.continue_last and (not turns or turns[-1].role != "model"):
         raise ValueError("continue_last needs a model turn last")
-    runs = _runs(turns)
+    for turn in turns:
+        if turn.role not in ("user", "model"):
+            raise ValueError(f"unknown turn role {turn.role!r}")
 
     template = _template(tokenizer)
 
@@ -406,46 +409,75 @@ def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int
     room = n_ctx - max_new_tokens - len(head) - len(closing)
     if room < 0:
         raise PromptTooLarge(len(persona), max(0, len(persona) + room))
+    turn_room = room  # no turn larger than this can ever fit
 
-    blocks: list[list[int]] = []  # newest first
-    used = 0
-    for run in reversed(runs):
-        if run[0].role == "model":
-            block = [*template.model, *piece(neutralise(run[0].text))]
+    model_blocks: dict[int, list[int]] = {}
+
+    def model_block(index: int) -> list[int]:
+        if index not in model_blocks:
+            model_blocks[index] = [*template.model, *piece(neutralise(turns[index].text))]
+        return model_blocks[index]
+
+    blocks: list[tuple[list[int], int]] = []  # newest first, with the turns each reaches back over
+    used = 0  # newest input turns up to the oldest kept one
+    n = len(turns)
+    i = n  # turns[i:] have been read
+    while i > 0:
+        if turns[i - 1].role == "model":
+            i -= 1
+            block = model_block(i)
             if len(block) > room:
                 if used == 0:
                     raise MessageTooLarge(len(block), room)
+                if len(block) > turn_room:
+                    continue
                 break
-            blocks.append(block)
             room -= len(block)
-            used += 1
+            used = n - i
+            blocks.append((block, used))
             continue
+        # A run of user turns forms one block. A model turn between user turns that can never fit is
+        # left out, and the user turns around it join one run, as if it had never been there.
+        members: list[int] = []  # newest first
+        while i > 0 and (turns[i - 1].role == "user" or len(model_block(i - 1)) > turn_room):
+            i -= 1
+            if turns[i].role == "user":
+                members.append(i)
         # The whole run is neutralised together so a marker split across lines is caught, and
         # independently of how much of it fits, so a kept line tokenizes the same whatever the window.
-        lines = _neutralise_parts([_speaker_line(turn, conversation.character) for turn in run])
+        lines = _neutralise_parts([_speaker_line(turns[k], conversation.character) for k in reversed(members)])
         kept: list[list[int]] = []  # newest first
-        for line in reversed(lines):
+        full = False
+        for index, line in zip(members, reversed(lines), strict=True):
             tokens = piece(line)
             cost = len(tokens) + (len(template.newline) if kept else len(template.user))
             if cost > room:
                 if used == 0:
                     raise MessageTooLarge(cost, room)
+                if len(tokens) + len(template.user) > turn_room:
+                    continue
+                full = True
                 break
             kept.append(tokens)
             room -= cost
-            used += 1
+            used = n - index
         if kept:
             block = list(template.user)
             for number, tokens in enumerate(reversed(kept)):
                 if number:
                     block.extend(template.newline)
                 block.extend(tokens)
-            blocks.append(block)
-        if len(kept) < len(lines):
+            blocks.append((block, used))
+        if full:
             break
 
     tokens = list(head)
-    for block in reversed(blocks):
+    cuts: list[int] = []
+    for block, _ in reversed(blocks):
+        cuts.append(len(tokens))
         tokens.extend(block)
     tokens.extend(closing)
-    return Prompt(tokens=tokens, turns_used=used, system_tokens=len(head))
+    cut_turns = [reach for _, reach in reversed(blocks)]
+    return Prompt(
+        tokens=tokens, turns_used=used, system_tokens=len(head), cuts=tuple(cuts[1:]), cut_turns=tuple(cut_turns[1:])
+    )

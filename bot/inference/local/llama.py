@@ -5,14 +5,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from bot.config import CacheSettings, ModelSettings, Settings
-from bot.inference.engine import Engine, Sampling
-from bot.inference.local.state_cache import StateCache, common_prefix, os_buffer
+from bot.inference.api import Sampling
+from bot.inference.engine import Engine
+from bot.inference.local.state_cache import StateCache, os_buffer
+from bot.inference.window import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,16 @@ class LlamaBackend:
         self.can_shift = bool(memory is not None and llama_cpp.llama_memory_can_shift(memory))
         self.context_shift = cache_settings.context_shift and self.can_shift
         self.trim_fraction = cache_settings.trim_fraction
+        # llama.cpp asks this between the steps of a decode (per graph node on the CPU) and
+        # abandons the decode when it returns true: a cancel or time limit then takes effect
+        # inside a prompt evaluation of tens of seconds. The ctypes callback must outlive the context.
+        self._stop: Callable[[], bool] | None = None
+        self._abort = llama_cpp.ggml_abort_callback(self._should_abort)
+        llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, self._abort, None)
+
+    def _should_abort(self, _data: object) -> bool:
+        stop = self._stop
+        return bool(stop is not None and stop())
 
     # ---------------------------------------------------------------- KV-cache reuse
 
@@ -173,18 +185,40 @@ class LlamaBackend:
         llm.n_tokens = end - count
         llm._requires_eval = True
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        """Yield sampled tokens; llama-cpp-python reuses the longest cached prefix of `prompt`."""
+    def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool]) -> Iterator[int]:
+        """Yield sampled tokens; llama-cpp-python reuses the longest cached prefix of `prompt`.
+
+        When `stop()` turns true during a decode, llama.cpp abandons it (`llama_decode` returns 2) and
+        the iteration ends; the context then holds only the batches evaluated in full.
+        """
         if sampling.seed is not None:
             self.llm.set_seed(sampling.seed)
-        return self.llm.generate(
-            prompt,
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            min_p=sampling.min_p,
-            repeat_penalty=sampling.repeat_penalty,
-        )
+        self._stop = stop
+        try:
+            yield from self.llm.generate(
+                prompt,
+                temp=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repeat_penalty=sampling.repeat_penalty,
+            )
+        except RuntimeError:
+            if not stop():
+                raise
+            self.drop_unfinished()
+        finally:
+            self._stop = None
+
+    def drop_unfinished(self) -> None:
+        """After an abandoned decode: forget the KV cells past the tokens llama-cpp-python counts as evaluated.
+
+        `Llama.eval` counts a batch only once its decode succeeds, while llama.cpp may keep the
+        micro-batches it finished before the abort. Saving the state now would carry them along.
+        """
+        llm = self.llm
+        llm._ctx.kv_cache_seq_rm(_SEQ, llm.n_tokens, -1)
+        llm._requires_eval = True  # the logits belong to whatever ran last
 
     def piece(self, token: int) -> bytes:
         """Bytes of one token."""

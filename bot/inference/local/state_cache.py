@@ -1,4 +1,4 @@
-"""KV-cache reuse: saved channel states under a byte budget, and where a new prompt meets a cached one.
+"""KV-cache reuse: saved channel states under a byte budget (where a prompt meets a cache: `bot.inference.window`).
 
 A worker context holds the KV cache of one channel at a time. When it moves to another channel the
 occupant's state is saved here (RAM, least recently used first out, optionally spilling to disk)
@@ -20,91 +20,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 log = logging.getLogger(__name__)
 
 _MAGIC = b"TKKV1\n"
 _SUFFIX = ".kvstate"
-# Tokens that must match to recognise where one window starts inside another: long enough that a
-# coincidental match of ordinary text is out of the question, short enough to fit any turn.
-ALIGN_PROBE = 24
-_MAX_CANDIDATES = 64
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    # Compare in slices first: whole-slice equality runs in C, the per-token loop only near the end.
-    step = 256
-    while i + step <= n and list(a[i : i + step]) == list(b[i : i + step]):
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def find_run(haystack: Sequence[int], needle: Sequence[int], start: int = 0) -> int:
-    """First index >= `start` where `needle` occurs in `haystack`, or -1."""
-    if not needle:
-        return -1
-    hay = list(haystack)
-    needle = list(needle)
-    first = needle[0]
-    last = len(hay) - len(needle)
-    i = start
-    while i <= last:
-        try:
-            i = hay.index(first, i, last + 1)
-        except ValueError:
-            return -1
-        if hay[i : i + len(needle)] == needle:
-            return i
-        i += 1
-    return -1
-
-
-@dataclass(frozen=True, slots=True)
-class WindowPlan:
-    """How a new prompt relates to a cached token list past their shared persona.
-
-    - ``prefix``: the prompt extends (or diverges from) the cache; reuse the common prefix.
-    - ``align``: the prompt starts `offset` tokens of older turns before where the cache starts;
-      dropping them from the prompt keeps the cached window (chunked trimming keeps its place).
-    - ``slide``: the window moved on: the cache holds `offset` tokens of turns the prompt no longer
-      has, right after the persona. Shift them out, or trim the prompt and re-evaluate.
-    """
-
-    kind: Literal["prefix", "align", "slide"]
-    head: int
-    offset: int = 0
-
-
-def plan_window(prompt: Sequence[int], head: int, cached: Sequence[int], probe: int = ALIGN_PROBE) -> WindowPlan:
-    """Compare `prompt` (persona of `head` tokens, then turns) with the tokens of a cached context.
-
-    Turns often start alike (marker, speaker name), so every place where one window's first tokens
-    occur in the other is a candidate, and the one followed by the longest identical run wins.
-    """
-    if len(cached) <= head or common_prefix(prompt[:head], cached[:head]) < head:
-        return WindowPlan("prefix", head)
-    best = WindowPlan("prefix", head)
-    best_run = common_prefix(prompt[head:], cached[head:])
-    for kind, hay, needle in (("slide", cached, prompt), ("align", prompt, cached)):
-        size = min(probe, len(needle) - head)
-        if size < probe:
-            continue
-        start = head + 1
-        for _ in range(_MAX_CANDIDATES):
-            at = find_run(hay, needle[head : head + size], start)
-            if at < 0:
-                break
-            run = common_prefix(hay[at:], needle[head:])
-            if run > best_run:
-                best, best_run = WindowPlan(kind, head, at - head), run  # type: ignore[arg-type]
-            start = at + 1
-    return best
 
 
 @dataclass(frozen=True, slots=True)
