@@ -164,8 +164,26 @@ def _within(rows: Iterable[Row[Any]], budget: WindowBudget) -> Iterator[Row[Any]
         yield row
         if row.role in PROMPT_ROLES and row.content:  # turns the prompt leaves out cost nothing
             cost = per_turn + len(row.content)
-            if cost <= room:
+            if cost <= room and _most_tokens(row) <= budget.tokens:
                 used += cost
+
+
+# Room for a turn's marker and line breaks, in tokens, above what its text takes.
+_MARKER_TOKENS = 8
+# A member's label as the prompt shows it may add " (member)" to the name (`bot.prompt` speaker labels).
+_LABEL_EXTRA = len(" (member): ")
+
+
+def _most_tokens(row: Row[Any]) -> int:
+    """An upper bound of a turn's tokens in a prompt: no token is shorter than a byte, and the prompt
+    shows the text with its author's label on every line and `<`, `>`, `[`, `]` swapped for look-alikes
+    of up to 3 bytes. A turn over the room by this bound may be one the builder skips (too large alone),
+    so `_within` does not count it and reads on."""
+    text: str = row.content
+    swapped = sum(text.count(ch) for ch in "<>[]")
+    label = len(row.author_name.encode("utf-8", "replace")) + _LABEL_EXTRA if row.author_name else 0
+    lines = max(1, len(text.splitlines()))
+    return _MARKER_TOKENS + len(text.encode("utf-8", "replace")) + 2 * swapped + lines * (label + 1)
 
 
 def _recent_turns(s: Session, session_id: int, limit: int, budget: WindowBudget | None = None) -> list[Turn]:

@@ -51,11 +51,6 @@ def prompt_of(
         return type(exc).__name__
 
 
-@pytest.mark.xfail(
-    reason="the builder skips a turn whose tokens alone exceed the turn room, and reads on; the store's "
-    "window read still counts such a turn's lower bound and can stop before older turns the prompt would use",
-    strict=False,
-)
 @pytest.mark.parametrize("vocabulary", ["bytes", "spm"])
 async def test_the_window_read_holds_every_turn_the_prompt_uses(repo: Repository, vocabulary: str, request) -> None:
     tokenizer: Tokenizer = ByteTokenizer() if vocabulary == "bytes" else request.getfixturevalue("spm_vocab")
