@@ -192,6 +192,9 @@ async def test_cancel_during_a_long_prompt_evaluation_stops_it_and_the_worker_an
         request, _ = generation_request(fresh.tokenizer, conv, key="c", n_ctx=2048, max_new_tokens=16,
                                         sampling=GREEDY)
         assert len(request.tokens) > 1500
+        # For the time limit below: another channel and persona, so nothing can be reused.
+        other, _ = generation_request(fresh.tokenizer, replace(conv, system="You must act as Ann, a grumpy cook."),
+                                      key="d", n_ctx=2048, max_new_tokens=16, sampling=GREEDY)
         pieces: list[str] = []
         reference = await asyncio.to_thread(
             run_generation, fresh, request, threading.Event(),
@@ -227,9 +230,9 @@ async def test_cancel_during_a_long_prompt_evaluation_stops_it_and_the_worker_an
         assert 0 < started.reused_tokens < len(request.tokens) * 0.75
         assert text == expected and finished.stats.generated_tokens == reference.generated_tokens
 
-        # A time limit takes effect inside the evaluation too (another channel: nothing to reuse).
+        # A time limit takes effect inside the evaluation too.
         begin = time.perf_counter()
-        _, finished, _ = await run(engine.generate(replace(request, key="d", timeout=0.3)))
+        _, finished, _ = await run(engine.generate(replace(other, timeout=0.3)))
         assert finished.stats.stop_reason == "timeout" and time.perf_counter() - begin < 0.3 + 0.5
 
         # Shutdown: the grace, then a prompt evaluation in progress stops at once.
