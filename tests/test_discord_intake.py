@@ -122,8 +122,8 @@ async def test_a_proxied_message_is_stored_once_as_the_character_and_answered_on
         assert len(t.backend.prompts) == 2
 
 
-async def test_a_proxy_that_reposts_after_the_reply_started_still_gets_one_answer_each(db_url: str) -> None:
-    # Without the wait (reply_delay 0) the original is answered at once; its repost is a new turn.
+async def test_each_message_of_one_proxy_webhook_is_taken_under_its_own_name(db_url: str) -> None:
+    # One Tupperbox webhook posts for several characters; each message carries the name it was sent under.
     async with bot_env(db_url) as t:
         tavern = tavern_guild(t.env)
         await start_session(t, tavern)
