@@ -227,6 +227,20 @@ async def test_privacy_commands_are_server_only(db_url):
 # --- /session export -------------------------------------------------------------------------------
 
 
+def count_pages(t, monkeypatch) -> list[int]:
+    """Record the size of every page of turns the session export reads."""
+    pages: list[int] = []
+    real = t.bot.repo.session_turns
+
+    async def counted(session_id, *, after_id=0, limit=1000):
+        found = await real(session_id, after_id=after_id, limit=limit)
+        pages.append(len(found))
+        return found
+
+    monkeypatch.setattr(t.bot.repo, "session_turns", counted)
+    return pages
+
+
 async def test_session_export_pages_through_the_whole_log(db_url, monkeypatch):
     async with bot_env(db_url, settings=QUIET) as t:
         tavern = tavern_guild(t.env)
@@ -234,15 +248,7 @@ async def test_session_export_pages_through_the_whole_log(db_url, monkeypatch):
         for text in ("One.", "Two.", "Three.", "Four."):
             await tavern.alice.send(tavern.channel, text)
         await tavern.bob.send(tavern.channel, "Five.")
-        pages: list[int] = []
-        real = t.bot.repo.session_turns
-
-        async def counted(session_id, *, after_id=0, limit=1000):
-            found = await real(session_id, after_id=after_id, limit=limit)
-            pages.append(len(found))
-            return found
-
-        monkeypatch.setattr(t.bot.repo, "session_turns", counted)
+        pages = count_pages(t, monkeypatch)
         # The extension module the bot loaded (discord.py imports its own copy of it).
         monkeypatch.setattr(sys.modules[type(t.bot.get_cog("Sessions")).__module__], "PAGE", 3)
         result = await tavern.admin.slash(tavern.channel, "session export")
@@ -291,15 +297,7 @@ async def test_an_export_over_the_limit_stops_reading_pages(db_url, monkeypatch)
         for i in range(12):
             await tavern.alice.send(tavern.channel, f"Line {i}: " + "".join(chr(0x4E00 + (i * 97 + k) % 5000)
                                                                             for k in range(60)))
-        pages: list[int] = []
-        real = t.bot.repo.session_turns
-
-        async def counted(session_id, *, after_id=0, limit=1000):
-            found = await real(session_id, after_id=after_id, limit=limit)
-            pages.append(len(found))
-            return found
-
-        monkeypatch.setattr(t.bot.repo, "session_turns", counted)
+        pages = count_pages(t, monkeypatch)
         monkeypatch.setattr(sys.modules[type(t.bot.get_cog("Sessions")).__module__], "PAGE", 2)
         monkeypatch.setattr(discord.Guild, "filesize_limit", property(lambda _guild: 600))
         refused = await tavern.admin.slash(tavern.channel, "session export")

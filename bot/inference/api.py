@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from bot.vocabulary import Tokenizer
+
 StopReason = Literal["eos", "stop", "length", "cancelled", "timeout"]
 
 
@@ -115,20 +117,6 @@ class Finished:
 
 
 Chunk = Queued | Started | Text | Finished
-
-
-class Tokenizer(Protocol):
-    """A model's vocabulary, as `llama_cpp.Llama` offers it (read-only, safe from any thread)."""
-
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
-
-    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes: ...
-
-    def token_bos(self) -> int: ...
-
-    def token_eos(self) -> int: ...
-
-    def n_vocab(self) -> int: ...
 
 
 class Backend(Protocol):

@@ -20,7 +20,9 @@ import unicodedata
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
+
+from bot.vocabulary import Tokenizer
 
 __all__ = [
     "MEMBER_SUFFIX",
@@ -43,20 +45,6 @@ __all__ = [
     "speaker_label",
     "system_budget",
 ]
-
-
-class Tokenizer(Protocol):
-    """The slice of ``llama_cpp.Llama`` the prompt builder needs."""
-
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
-
-    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes: ...
-
-    def token_bos(self) -> int: ...
-
-    def token_eos(self) -> int: ...
-
-    def n_vocab(self) -> int: ...
 
 
 SYSTEM, USER, MODEL = "<|system|>", "<|user|>", "<|model|>"
