@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.discord_front.intake import INVISIBLE_CATEGORIES, INVISIBLE_CHARACTERS, has_visible_text
 from bot.discord_front.replies import CONTINUE_ID, REGENERATE_ID
 from bot.discord_front.replies.buttons import PRESSES, SLOW_DOWN
+from bot.prompt.builder import INVISIBLE_CATEGORIES, INVISIBLE_CHARACTERS, has_visible_text
 from persistence.records import Role
 from tests.discord_fixtures import bot_env, start_session, stored_turns, tavern_guild
 

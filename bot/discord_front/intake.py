@@ -14,35 +14,18 @@ with no visible text, and, in "mention" mode, messages that neither mention the 
 from __future__ import annotations
 
 import re
-import unicodedata
 
 import discord
 
 from bot.config import DiscordSettings
 from bot.core.sessions import Speaker
+from bot.prompt.builder import has_visible_text
 from persistence.records import ChannelSession
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
 _CHANNEL_MENTION = re.compile(r"<#(\d+)>")
 _SPACES = re.compile(r"[ \t]{2,}")
-
-# Control, format, surrogate, lone combining marks and separators draw nothing on their own.
-INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Mn", "Me", "Zs", "Zl", "Zp"})
-# Letters and symbols that render as blank space: Hangul fillers, the braille blank, and the Khmer
-# inherent vowels and the combining grapheme joiner (marks, listed for clarity).
-INVISIBLE_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5\u034f")
-
-
-def is_visible(char: str) -> bool:
-    """True if the character draws something on its own."""
-    return char not in INVISIBLE_CHARACTERS and unicodedata.category(char) not in INVISIBLE_CATEGORIES
-
-
-def has_visible_text(text: str) -> bool:
-    """True if any character of `text` draws something (a message without one reads as empty)."""
-    return any(is_visible(char) for char in text)
-
 
 def prompt_text(message: discord.Message, bot_id: int) -> str:
     """The message as the model should read it: the bot's mention removed, other mentions as names.

@@ -69,17 +69,27 @@ _FORBIDDEN_RE = re.compile(
 _ANGLE_SWAP = {"<": "\u2039", ">": "\u203a"}
 _BRACKET_SWAP = {"[": "(", "]": ")"}
 
-# Categories a reader cannot see (or sees as blank) inside a marker: combining and enclosing marks,
-# format characters (zero-width space/joiners, word joiner, BOM, soft hyphen, tag characters),
-# controls, unassigned code points and all separators.
-_INVISIBLE_CATEGORIES = frozenset({"Mn", "Me", "Cf", "Cc", "Cn", "Zs", "Zl", "Zp"})
-# Hangul fillers and the braille blank are letters/symbols by category but render as nothing, and
-# SPM vocabularies turn a typed U+2581 ("▁", their space symbol) into a real space.
-_INVISIBLE_EXTRA = frozenset("\u115f\u1160\u3164\uffa0\u2800\u2581")
+# Control, format, surrogate, lone combining marks and separators draw nothing on their own.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Mn", "Me", "Zs", "Zl", "Zp"})
+# Letters and symbols that render as blank space: Hangul fillers, the braille blank, and the Khmer
+# inherent vowels and the combining grapheme joiner (marks, listed for clarity).
+INVISIBLE_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5\u034f")
+
+
+def is_invisible(char: str) -> bool:
+    """True if the character draws nothing on its own."""
+    return char in INVISIBLE_CHARACTERS or unicodedata.category(char) in INVISIBLE_CATEGORIES
+
+
+def has_visible_text(text: str) -> bool:
+    """True if any character of `text` draws something (a message without one reads as empty)."""
+    return not all(is_invisible(char) for char in text)
 
 
 def _visible(ch: str) -> bool:
-    return not (ch.isspace() or ch in _INVISIBLE_EXTRA or unicodedata.category(ch) in _INVISIBLE_CATEGORIES)
+    """Whether marker folding keeps `ch`: inside a marker, unassigned code points are dropped too, and
+    U+2581 ("▁"), which SPM vocabularies turn into a real space."""
+    return not (ch.isspace() or ch == "\u2581" or is_invisible(ch) or unicodedata.category(ch) == "Cn")
 
 
 @functools.lru_cache(maxsize=8192)
