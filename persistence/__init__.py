@@ -1,8 +1,10 @@
-"""Storage of guilds, personas, channel sessions and turns (SQLAlchemy async + Alembic)."""
+"""Storage of guilds, personas (characters), channel sessions, turns, lorebooks and webhooks (SQLAlchemy + Alembic)."""
 
 from persistence.database import Database
 from persistence.errors import (
     DuplicateMessage,
+    LorebookExists,
+    LorebookNotFound,
     NotFound,
     PersistenceError,
     PersonaExists,
@@ -11,13 +13,17 @@ from persistence.errors import (
     SessionNotFound,
     TurnNotFound,
 )
-from persistence.records import ChannelSession, Persona, Role, Turn, TurnStatus
+from persistence.records import ChannelSession, CharacterWebhook, Lorebook, Persona, Role, Turn, TurnStatus
 from persistence.repository import Repository
 
 __all__ = [
     "ChannelSession",
+    "CharacterWebhook",
     "Database",
     "DuplicateMessage",
+    "Lorebook",
+    "LorebookExists",
+    "LorebookNotFound",
     "NotFound",
     "PersistenceError",
     "Persona",

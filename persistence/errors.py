@@ -37,6 +37,14 @@ class TurnNotFound(NotFound):
         self.turn_id = turn_id
 
 
+class LorebookNotFound(NotFound):
+    """No lorebook has the given id."""
+
+    def __init__(self, lorebook_id: int) -> None:
+        super().__init__(f"lorebook {lorebook_id} does not exist")
+        self.lorebook_id = lorebook_id
+
+
 class PersonaExists(PersistenceError):
     """A persona with this name already exists in this guild (or globally)."""
 
@@ -47,8 +55,19 @@ class PersonaExists(PersistenceError):
         self.name = name
 
 
+class LorebookExists(PersistenceError):
+    """A lorebook with this name already exists in this guild (or globally)."""
+
+    def __init__(self, guild_id: int | None, name: str) -> None:
+        scope = "globally" if guild_id is None else f"in guild {guild_id}"
+        super().__init__(f"a lorebook named {name!r} already exists {scope}")
+        self.guild_id = guild_id
+        self.name = name
+
+
 class PersonaInUse(PersistenceError):
-    """A persona cannot be deleted while open channel sessions play it."""
+    """A persona cannot be deleted while open channel sessions play it (as their main persona or
+    as one of their other characters)."""
 
     def __init__(self, name: str, channel_keys: Iterable[str]) -> None:
         self.name = name

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -117,10 +118,16 @@ class PersonaRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     guild_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("guilds.id"))
     name: Mapped[str] = mapped_column(String(100))
+    # The card's description, kept in step with `card` by the callers (older code reads only this).
     text: Mapped[str] = mapped_column(Text)
     created_by: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The whole character card as JSON text (opaque here).
+    card: Mapped[str | None] = mapped_column(Text)
+    # PNG bytes, possibly megabytes: never loaded with the row (reading it by accident raises).
+    avatar: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+    avatar_sha: Mapped[str | None] = mapped_column(String(64))
 
 
 class ChannelSessionRow(Base):
@@ -168,6 +175,12 @@ class TurnRow(Base):
     content: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Which character wrote a model turn (several can play one channel).
+    character_id: Mapped[int | None] = mapped_column(ForeignKey("personas.id", ondelete="SET NULL"))
+    # The version shown (`content` is its text) and how many versions `turn_swipes` holds (0: none).
+    # Kept on the turn so that reading a window needs no join.
+    swipe: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    swipe_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     messages: Mapped[list[TurnMessageRow]] = relationship(
         lazy="raise",
@@ -186,6 +199,92 @@ class TurnMessageRow(Base):
     message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"))
     part: Mapped[int] = mapped_column(Integer)
+
+
+class TurnSwipeRow(Base):
+    """One version of a turn (a regenerated reply, or a greeting and its alternates), numbered from 0."""
+
+    __tablename__ = "turn_swipes"
+
+    turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChannelCharacterRow(Base):
+    """A character playing in a channel session besides its main persona (`channel_sessions.persona_id`)."""
+
+    __tablename__ = "channel_characters"
+
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("channel_sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LorebookRow(Base):
+    """A named lorebook (a SillyTavern world, JSON text opaque here) of one guild (NULL: global)."""
+
+    __tablename__ = "lorebooks"
+    __table_args__ = (
+        UniqueConstraint("guild_id", "name"),
+        Index(
+            "uq_lorebooks_global_name",
+            "name",
+            unique=True,
+            sqlite_where=text("guild_id IS NULL"),
+            postgresql_where=text("guild_id IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("guilds.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    data: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ChannelLorebookRow(Base):
+    """A lorebook attached to a channel (kept across resets: it belongs to the channel, not a session)."""
+
+    __tablename__ = "channel_lorebooks"
+
+    channel_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    lorebook_id: Mapped[int] = mapped_column(ForeignKey("lorebooks.id", ondelete="CASCADE"), primary_key=True)
+    # Attach order (timestamps can tie).
+    position: Mapped[int] = mapped_column(Integer)
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UserPersonaRow(Base):
+    """How a member describes themselves to the characters, per guild (`guild_id` 0: no guild)."""
+
+    __tablename__ = "user_personas"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class CharacterWebhookRow(Base):
+    """The webhook a character posts through in one channel."""
+
+    __tablename__ = "character_webhooks"
+    __table_args__ = (Index("ix_character_webhooks_webhook_id", "webhook_id"),)
+
+    channel_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(BigInteger)
+    token: Mapped[str] = mapped_column(String(200))
+    # The avatar the webhook was last set up with (compared against the persona's).
+    avatar_sha: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class MetaRow(Base):

@@ -32,7 +32,12 @@ class TurnStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Persona:
-    """A named persona, reusable across the channels of one guild."""
+    """A named persona (a character), reusable across the channels of one guild.
+
+    `text` is the card's description; `card` the whole character card as JSON text. The avatar is
+    never part of the record (it can be megabytes): read it with `Repository.get_avatar`, and tell
+    versions apart by `avatar_sha`.
+    """
 
     id: int
     guild_id: int | None
@@ -41,6 +46,8 @@ class Persona:
     created_by: int | None
     created_at: datetime
     updated_at: datetime
+    card: str | None = None
+    avatar_sha: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,7 @@ class ChannelSession:
     settings: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
     archived_at: datetime | None = None
+    persona_card: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +79,11 @@ class WindowBudget:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One user or model turn of a channel session."""
+    """One user or model turn of a channel session.
+
+    `character_id`: the character that wrote a model turn. `swipe_count` versions of the turn are
+    stored (0: none, the content is the only one); `swipe` is the one shown, whose text `content` is.
+    """
 
     id: int
     session_id: int
@@ -82,3 +94,30 @@ class Turn:
     status: TurnStatus
     created_at: datetime
     message_ids: tuple[int, ...] = ()
+    character_id: int | None = None
+    swipe: int = 0
+    swipe_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lorebook:
+    """A named lorebook of one guild (`guild_id` None: global); `data` is a SillyTavern world as JSON text."""
+
+    id: int
+    guild_id: int | None
+    name: str
+    data: str
+    created_by: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CharacterWebhook:
+    """The webhook a character posts through in one channel; `avatar_sha` is the avatar it was set up with."""
+
+    channel_id: int
+    persona_id: int
+    webhook_id: int
+    token: str = field(repr=False)  # a credential: kept out of logs
+    avatar_sha: str | None = None

@@ -39,7 +39,7 @@ from persistence.database import alembic_config
 from persistence.models import Base, ChannelSessionRow, UTCDateTime
 from persistence.repository import messages_from_query, newest_turns_query
 
-HEAD = "0002"
+HEAD = "0003"
 GUILD = 111_111_111_111_111_111
 OTHER_GUILD = 222_222_222_222_222_222
 USER = 333_333_333_333_333_333
