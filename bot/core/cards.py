@@ -155,7 +155,10 @@ class CharacterCard:
 
     @property
     def name(self) -> str:
-        return self._text("name")
+        name = self._text("name")
+        if not name.strip() and self.raw.get("name") is not None:  # as SillyTavern reads it: data.name || name
+            name = _as_text(self.raw["name"], "name")
+        return name
 
     @property
     def description(self) -> str:
@@ -267,7 +270,10 @@ def _as_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value.strip())
@@ -351,7 +357,8 @@ def _card_object(blob: bytes, where: str) -> Mapping[str, Any]:
 
 def _parse_object(text: str, where: str) -> Mapping[str, Any]:
     try:
-        value = json.loads(text)
+        # NaN and Infinity are not JSON; other readers of an exported card would choke on them.
+        value = json.loads(text, parse_constant=lambda _constant: None)
     except json.JSONDecodeError as error:
         raise CardError(
             f"The card data {where} is broken JSON (line {error.lineno}, column {error.colno}: {error.msg})."
@@ -485,6 +492,8 @@ def _inflate(blob: bytes, limit: int) -> bytes:
         raise CardError("The card's compressed text chunk in the PNG is damaged.") from None
     if len(out) > limit:
         raise CardError(f"The card's compressed text chunk unpacks to more than {_mib(limit)}; refused.")
+    if not inflater.eof:
+        raise CardError("The card's compressed text chunk in the PNG is damaged (it is cut short).")
     return out
 
 
@@ -595,6 +604,8 @@ def _avatar_from_image(data: bytes, what: str) -> bytes:
         converted.save(out, "PNG")
     except CardError:
         raise
+    except Image.DecompressionBombError:
+        raise CardError(f"{what} has far too many pixels to read.") from None
     except _IMAGE_ERRORS as error:
         log.debug("Unreadable image: %r", error)
         raise CardError(f"{what} could not be read as an image (it is damaged or in an unknown format).") from None
