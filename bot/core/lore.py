@@ -579,6 +579,7 @@ _warned: set[tuple[str, ...]] = set()
 _JS_REGEX = re.compile(r"^/([\s\S]+?)/([gimsuy]*)$")
 _UNESCAPED_SLASH = re.compile(r"(^|[^\\])/")
 _JS_CODE_POINT = re.compile(r"(?<!\\)((?:\\\\)*)\\u\{([0-9a-fA-F]{1,6})\}")
+_JS_BACKREFERENCE = re.compile(r"(?<!\\)((?:\\\\)*)\\k<(\w+)>")
 _QUANTIFIER = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 
@@ -647,9 +648,10 @@ def _compile(pattern: str, flags: str) -> regex.Pattern[str] | str:
     if _pattern_size(pattern) > MAX_PATTERN_SIZE:
         return "too large once its repeats are counted"
     # JavaScript syntax that Python's engines read differently: `[^]` is "any character" and
-    # `\u{...}` a code point.
+    # `\u{...}` a code point, `\k<name>` a back-reference.
     source = pattern.replace("[^]", r"[\s\S]")
     source = _JS_CODE_POINT.sub(lambda m: f"{m.group(1)}\\U{int(m.group(2), 16):08x}", source)
+    source = _JS_BACKREFERENCE.sub(lambda m: f"{m.group(1)}(?P={m.group(2)})", source)
     options = regex.VERSION0
     if "i" in flags:
         options |= regex.IGNORECASE
@@ -676,6 +678,7 @@ class _Matcher:
         self.case_sensitive = case_sensitive
         self.whole_words = whole_words
         self.regex_seconds = REGEX_TOTAL_SECONDS
+        self._timed_out: set[tuple[str, str]] = set()  # a pattern that timed out once is not tried again
         self._lower: dict[int, tuple[str, str]] = {}
 
     def matches(self, haystack: str, key: str, entry: LoreEntry, book: str) -> bool:
@@ -705,6 +708,8 @@ class _Matcher:
             what = (book, entry.uid, pattern[:80], compiled)
             _warn_once((book, str(entry.uid), pattern), "Lorebook %r entry %s: key /%s/ ignored: %s", *what)
             return False
+        if parsed in self._timed_out:
+            return False
         if self.regex_seconds <= 0:
             message = "Lorebook %r: the time for patterns in one reply is used up; the other pattern keys do not match"
             _warn_once((book, "*", "budget"), message, book)
@@ -715,6 +720,7 @@ class _Matcher:
             # `y` (sticky) anchors at the start; `g` and `u` change nothing for a yes/no test.
             found = (compiled.match if "y" in flags else compiled.search)(haystack, timeout=timeout)
         except TimeoutError:
+            self._timed_out.add(parsed)
             message = "Lorebook %r entry %s: key /%s/ took longer than %.0f ms and does not match"
             _warn_once(
                 (book, str(entry.uid), pattern, "timeout"), message, book, entry.uid, pattern[:80], timeout * 1000
@@ -798,9 +804,8 @@ def activate(
     candidates: list[_Candidate] = []
     for book in books:
         ranked = sorted((e for e in book.entries if e.enabled), key=lambda e: -e.order)
-        candidates.extend(
-            _Candidate(book, e, (book.name, str(e.uid)), len(candidates) + i) for i, e in enumerate(ranked)
-        )
+        for entry in ranked:
+            candidates.append(_Candidate(book, entry, (book.name, str(entry.uid)), len(candidates)))
     if not candidates:
         return []
     by_key = {c.key: c.entry for c in candidates}
