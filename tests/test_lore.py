@@ -246,6 +246,10 @@ def test_single_word_keys_match_whole_words_and_phrases_as_substrings() -> None:
     assert run(cat, chat("the cat!")) == ["hit"]
     assert run(cat, chat("cat")) == ["hit"]
     assert run(cat, chat("(cat)")) == ["hit"]
+    oneil = world({"key": ["O'Neil"], "content": "hit"})
+    assert run(oneil, chat("ask o'neil, then")) == ["hit"]
+    assert run(oneil, chat("ask xo'neil")) == []
+    assert run(oneil, chat("ask o'neils")) == []
     assert run(world({"key": ["black cat"], "content": "hit"}), chat("two black cats")) == ["hit"]
     assert run(world({"key": ["cat"], "content": "hit", "matchWholeWords": False}), chat("concatenate")) == ["hit"]
     assert run(cat, chat("concatenate"), whole_words=False) == ["hit"]
@@ -298,6 +302,9 @@ def test_pattern_that_would_expand_hugely_is_refused_unseen() -> None:
     assert run(book, chat("a" * 100)) == []
     assert time.monotonic() - started < 2.0
     assert run(world({"key": ["/a{3}(bc){2}/"], "content": "small"}), chat("aaabcbc")) == ["small"]
+    long_key = "a" * 1001
+    assert run(world({"key": [f"/{long_key}/"], "content": "long"}), chat(long_key)) == []
+    assert run(world({"key": [long_key], "content": "plain"}), chat(long_key)) == ["plain"]  # plain text has no cap
 
 
 @pytest.mark.parametrize(
@@ -631,3 +638,12 @@ def test_budget_with_the_real_tokenizer(spm_vocab: Any) -> None:
     assert 3 <= len(inserts) <= 4
     assert sum(tokens(insert.text) for insert in inserts) <= one * 4 + 2
     assert [insert.order for insert in inserts] == list(range(12 - len(inserts), 12))
+
+
+def test_regex_time_per_activation_is_capped(caplog: pytest.LogCaptureFixture) -> None:
+    book = world(*({"key": [f"/(?:(a+)+$)|q{i}q/"], "content": f"evil {i}"} for i in range(60)), name="many")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="bot.core.lore"):
+        assert run(book, chat("a" * 50_000 + "b")) == []
+    assert time.monotonic() - started < 2.0  # 60 timeouts of 50 ms would take 3 s
+    assert any("used up" in r.getMessage() for r in caplog.records)
