@@ -28,6 +28,9 @@ Where this differs from SillyTavern, on purpose:
 - positions without a place here go to the nearest one: the author's note (2 top, 3 bottom) to
   `depth` 4 as system, SillyTavern's default author's note place; the example messages (5 top,
   6 bottom), which follow the character description, to `after`; any other number to `after`;
+- a card book's own `scan_depth`, `token_budget` and `recursive_scanning` count (SillyTavern ignores
+  them): its scan depth is the default for its entries, its budget caps its own entries inside the
+  call's budget, and without recursive scanning its content triggers nothing;
 - inclusion groups, character filters, vector matching and "minimum activations" are not applied;
 - the number of scan passes is bounded (`max_passes`).
 
