@@ -28,6 +28,9 @@ Where this differs from SillyTavern, on purpose:
 - positions without a place here go to the nearest one: the author's note (2 top, 3 bottom) to
   `depth` 4 as system, SillyTavern's default author's note place; the example messages (5 top,
   6 bottom), which follow the character description, to `after`; any other number to `after`;
+- a card book's own `scan_depth`, `token_budget` and `recursive_scanning` count (SillyTavern ignores
+  them): its scan depth is the default for its entries, its budget caps its own entries inside the
+  call's budget, and without recursive scanning its content triggers nothing;
 - inclusion groups, character filters, vector matching and "minimum activations" are not applied;
 - the number of scan passes is bounded (`max_passes`).
 
@@ -88,7 +91,8 @@ DEFAULT_ORDER = 100
 MAX_PATTERN_CHARS = 1000
 # `regex` expands counted repeats when compiling: `(a{1000}){1000}` takes hundreds of MB before any
 # timeout can help, so patterns whose estimated expansion is larger than this are refused unseen.
-MAX_PATTERN_SIZE = 20_000
+MAX_PATTERN_SIZE = 2000  # about 300 kB compiled; at most `_COMPILED_CACHE` of them are kept
+_COMPILED_CACHE = 256
 REGEX_MATCH_SECONDS = 0.05
 REGEX_TOTAL_SECONDS = 0.5
 _MAX_TIMER_ROWS = 10_000
@@ -579,6 +583,7 @@ _warned: set[tuple[str, ...]] = set()
 _JS_REGEX = re.compile(r"^/([\s\S]+?)/([gimsuy]*)$")
 _UNESCAPED_SLASH = re.compile(r"(^|[^\\])/")
 _JS_CODE_POINT = re.compile(r"(?<!\\)((?:\\\\)*)\\u\{([0-9a-fA-F]{1,6})\}")
+_JS_BACKREFERENCE = re.compile(r"(?<!\\)((?:\\\\)*)\\k<(\w+)>")
 _QUANTIFIER = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 
@@ -639,7 +644,7 @@ def _pattern_size(pattern: str) -> int:
     return sum(stack)
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=_COMPILED_CACHE)
 def _compile(pattern: str, flags: str) -> regex.Pattern[str] | str:
     """The compiled pattern, or a short reason why it was refused."""
     if len(pattern) > MAX_PATTERN_CHARS:
@@ -647,9 +652,10 @@ def _compile(pattern: str, flags: str) -> regex.Pattern[str] | str:
     if _pattern_size(pattern) > MAX_PATTERN_SIZE:
         return "too large once its repeats are counted"
     # JavaScript syntax that Python's engines read differently: `[^]` is "any character" and
-    # `\u{...}` a code point.
+    # `\u{...}` a code point, `\k<name>` a back-reference.
     source = pattern.replace("[^]", r"[\s\S]")
     source = _JS_CODE_POINT.sub(lambda m: f"{m.group(1)}\\U{int(m.group(2), 16):08x}", source)
+    source = _JS_BACKREFERENCE.sub(lambda m: f"{m.group(1)}(?P={m.group(2)})", source)
     options = regex.VERSION0
     if "i" in flags:
         options |= regex.IGNORECASE
@@ -663,10 +669,20 @@ def _compile(pattern: str, flags: str) -> regex.Pattern[str] | str:
         return f"invalid ({exc})"
 
 
-@lru_cache(maxsize=4096)
-def _whole_word(needle: str) -> re.Pattern[str]:
-    # SillyTavern's boundaries: start, end or any non-word character (punctuation counts).
-    return re.compile(rf"(?:^|\W){re.escape(needle)}(?:$|\W)")
+_WORD = re.compile(r"\w+")
+
+
+def _has_word(haystack: str, needle: str) -> bool:
+    r"""`needle` in `haystack` between boundaries, as SillyTavern's `(?:^|\W)needle(?:$|\W)`: the start,
+    the end or any non-word character (punctuation counts)."""
+    start = haystack.find(needle)
+    while start >= 0:
+        end = start + len(needle)
+        before = start == 0 or not _WORD.match(haystack, start - 1, start)
+        if before and (end == len(haystack) or not _WORD.match(haystack, end, end + 1)):
+            return True
+        start = haystack.find(needle, start + 1)
+    return False
 
 
 class _Matcher:
@@ -676,7 +692,9 @@ class _Matcher:
         self.case_sensitive = case_sensitive
         self.whole_words = whole_words
         self.regex_seconds = REGEX_TOTAL_SECONDS
+        self._timed_out: set[tuple[str, str]] = set()  # a pattern that timed out once is not tried again
         self._lower: dict[int, tuple[str, str]] = {}
+        self._words: dict[int, tuple[str, frozenset[str]]] = {}
 
     def matches(self, haystack: str, key: str, entry: LoreEntry, book: str) -> bool:
         parsed = _js_regex(key)
@@ -687,7 +705,9 @@ class _Matcher:
             haystack, key = self._lowered(haystack), key.lower()
         whole_words = entry.whole_words if entry.whole_words is not None else self.whole_words
         if whole_words and len(key.split()) == 1:
-            return _whole_word(key).search(haystack) is not None
+            if _WORD.fullmatch(key):  # the common case: one plain word, looked up among the text's words
+                return key in self._words_of(haystack)
+            return _has_word(haystack, key)
         return key in haystack
 
     def _lowered(self, text: str) -> str:
@@ -698,23 +718,36 @@ class _Matcher:
         self._lower[id(text)] = (text, lowered)
         return lowered
 
+    def _words_of(self, text: str) -> frozenset[str]:
+        cached = self._words.get(id(text))
+        if cached is not None and cached[0] is text:
+            return cached[1]
+        words = frozenset(_WORD.findall(text))
+        self._words[id(text)] = (text, words)
+        return words
+
     def _regex(self, haystack: str, parsed: tuple[str, str], entry: LoreEntry, book: str) -> bool:
         pattern, flags = parsed
-        compiled = _compile(pattern, flags)
-        if isinstance(compiled, str):
-            what = (book, entry.uid, pattern[:80], compiled)
-            _warn_once((book, str(entry.uid), pattern), "Lorebook %r entry %s: key /%s/ ignored: %s", *what)
+        if parsed in self._timed_out:
             return False
         if self.regex_seconds <= 0:
             message = "Lorebook %r: the time for patterns in one reply is used up; the other pattern keys do not match"
             _warn_once((book, "*", "budget"), message, book)
             return False
-        timeout = min(REGEX_MATCH_SECONDS, self.regex_seconds)
+        started = time.perf_counter()
+        compiled = _compile(pattern, flags)  # compiling counts too: a book may hold thousands of patterns
+        self.regex_seconds -= time.perf_counter() - started
+        if isinstance(compiled, str):
+            what = (book, entry.uid, pattern[:80], compiled)
+            _warn_once((book, str(entry.uid), pattern), "Lorebook %r entry %s: key /%s/ ignored: %s", *what)
+            return False
+        timeout = max(0.001, min(REGEX_MATCH_SECONDS, self.regex_seconds))
         started = time.perf_counter()
         try:
             # `y` (sticky) anchors at the start; `g` and `u` change nothing for a yes/no test.
             found = (compiled.match if "y" in flags else compiled.search)(haystack, timeout=timeout)
         except TimeoutError:
+            self._timed_out.add(parsed)
             message = "Lorebook %r entry %s: key /%s/ took longer than %.0f ms and does not match"
             _warn_once(
                 (book, str(entry.uid), pattern, "timeout"), message, book, entry.uid, pattern[:80], timeout * 1000
@@ -798,9 +831,8 @@ def activate(
     candidates: list[_Candidate] = []
     for book in books:
         ranked = sorted((e for e in book.entries if e.enabled), key=lambda e: -e.order)
-        candidates.extend(
-            _Candidate(book, e, (book.name, str(e.uid)), len(candidates) + i) for i, e in enumerate(ranked)
-        )
+        for entry in ranked:
+            candidates.append(_Candidate(book, entry, (book.name, str(entry.uid)), len(candidates)))
     if not candidates:
         return []
     by_key = {c.key: c.entry for c in candidates}
