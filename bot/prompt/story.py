@@ -74,13 +74,13 @@ def _speaker(line: str, *, char: str, user: str) -> tuple[str, str] | None:
     """
     text = line.lstrip(" \t")
     if match := _USER_PREFIX.match(text):
-        return "user", text[match.end() :]
+        return "user", text[match.end() :].lstrip(" \t")
     if match := _CHAR_PREFIX.match(text):
-        return "model", text[match.end() :]
+        return "model", text[match.end() :].lstrip(" \t")
     if user and text.startswith(f"{user}:"):
-        return "user", text[len(user) + 1 :]
+        return "user", text[len(user) + 1 :].lstrip(" \t")
     if char and text.startswith(f"{char}:"):
-        return "model", text[len(char) + 1 :]
+        return "model", text[len(char) + 1 :].lstrip(" \t")
     return None
 
 
