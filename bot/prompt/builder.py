@@ -9,6 +9,10 @@ very same tokens as the template's own marker.
 Layout (no separators between turns)::
 
     BOS <|system|>persona <|user|>Alice: hi\\nBob: hello <|model|>reply <|user|>Alice: ... <|model|>
+
+A character card adds example dialogue after the persona (while it fits beside the whole history),
+injected blocks among the turns (`<|system|>note`, by depth), post-history text before the closing
+marker and a reply prefix after it (see `Conversation`); `bot.prompt.story` lays the card's fields out.
 """
 
 from __future__ import annotations
