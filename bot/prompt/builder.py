@@ -9,6 +9,10 @@ very same tokens as the template's own marker.
 Layout (no separators between turns)::
 
     BOS <|system|>persona <|user|>Alice: hi\\nBob: hello <|model|>reply <|user|>Alice: ... <|model|>
+
+A character card adds example dialogue after the persona (while it fits beside the whole history),
+injected blocks among the turns (`<|system|>note`, by depth), post-history text before the closing
+marker and a reply prefix after it (see `Conversation`); `bot.prompt.story` lays the card's fields out.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import functools
 import re
 import unicodedata
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,18 +35,23 @@ __all__ = [
     "SYSTEM",
     "USER",
     "Conversation",
+    "Injection",
+    "InjectionsTooLarge",
     "MessageTooLarge",
     "Prompt",
     "PromptTooLarge",
     "PromptTurn",
     "Tokenizer",
     "build_prompt",
+    "character_label",
+    "character_names",
     "count_tokens",
     "find_marker",
     "fold_text",
     "longest_token_chars",
     "neutralise",
     "speaker_label",
+    "story_tokens",
     "system_budget",
 ]
 
@@ -190,11 +199,30 @@ def find_marker(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class PromptTurn:
-    """One turn of the conversation; user turns name their speaker."""
+    """One turn of the conversation; user turns name their speaker.
+
+    A model turn with a speaker (one of several characters sharing a channel) is shown `Name: text`.
+    """
 
     role: Literal["user", "model"]
     text: str
     speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Text inserted `depth` turns from the end of the history: an author's note, a lorebook entry.
+
+    Depth counts turns as given (before user turns are merged): 0 is after the newest turn. Several
+    at the same depth are joined by `order` (lower first, ties as given) into one block per role;
+    the blocks follow SillyTavern's order, `<|model|>`, then `<|user|>`, then `<|system|>` nearest
+    the end. The text is untrusted: it is neutralised like a member's message.
+    """
+
+    text: str
+    depth: int
+    role: Literal["system", "user", "model"]
+    order: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,13 +231,38 @@ class Conversation:
 
     With `continue_last` the last turn must be a model turn: the prompt ends with its text so that
     generation continues it instead of starting a new reply. `character` is the name the model
-    plays: a member whose name reads the same is shown disambiguated (see `speaker_label`).
+    plays, or the names of every character present: a member whose name reads the same as any of
+    them is shown disambiguated (see `speaker_label`).
+
+    `examples` are example dialogue blocks, placed after the system block while they fit beside the
+    whole history; `history_truncated` says `turns` leaves out older stored turns, so the history is
+    not whole and examples are not kept. `injections` are always kept (see `Injection`); `tail`
+    (post-history instructions) is a `<|system|>` block after the newest turn, and `reply_prefix`
+    follows the closing `<|model|>` (`Mira:`, so the model speaks as Mira). With `continue_last`,
+    depth 0 counts as depth 1 and the tail comes before the continued turn (as in SillyTavern), and
+    `reply_prefix` is not used: the continued turn already starts the reply.
     """
 
     system: str
     turns: tuple[PromptTurn, ...]
     continue_last: bool = False
-    character: str = ""
+    character: str | frozenset[str] | tuple[str, ...] = ""
+    examples: tuple[tuple[PromptTurn, ...], ...] = ()
+    injections: tuple[Injection, ...] = ()
+    tail: str = ""
+    reply_prefix: str = ""
+    history_truncated: bool = False
+
+    @property
+    def characters(self) -> tuple[str, ...]:
+        """The names of the characters present, `character` as a tuple."""
+        return character_names(self.character)
+
+
+def character_names(character: str | Iterable[str]) -> tuple[str, ...]:
+    """One character's name or several as a tuple of names, empty ones left out."""
+    names = (character,) if isinstance(character, str) else tuple(character)
+    return tuple(name for name in names if name)
 
 
 @dataclass(frozen=True)
@@ -218,10 +271,12 @@ class Prompt:
 
     `turns_used` counts the newest input turns the window reaches back over (before user turns are
     merged), from the oldest kept one on; turns skipped inside it because they alone can never fit
-    count too. `system_tokens` is the length of the fixed prefix: BOS, `<|system|>` and the persona.
-    `cuts` are where each kept block but the oldest starts: `tokens[:system_tokens] + tokens[cut:]`
-    is exactly the prompt a smaller window starting at that block would give, and `cut_turns` says
-    how many turns that window reaches back over.
+    count too. `system_tokens` is the length of the fixed prefix: BOS, `<|system|>` and the persona,
+    and the example dialogue when it was kept (`examples_kept`). `cuts` are where kept blocks start
+    (the oldest excepted, and only blocks older than every injection): `tokens[:system_tokens] +
+    tokens[cut:]` is exactly the prompt a smaller window starting at that block would give (the
+    same conversation from that block on, examples given only if they were kept here), and
+    `cut_turns` says how many turns that window reaches back over.
     """
 
     tokens: list[int]
@@ -229,6 +284,7 @@ class Prompt:
     system_tokens: int
     cuts: tuple[int, ...] = ()
     cut_turns: tuple[int, ...] = ()
+    examples_kept: bool = False
 
     def turns_from(self, start: int) -> int:
         """`turns_used` of the window that starts at `start` (`system_tokens` or one of `cuts`)."""
@@ -246,6 +302,19 @@ class PromptTooLarge(ValueError):
         super().__init__(
             f"The persona is {tokens} tokens, but at most {allowed} fit in this context "
             f"after reserving room for the reply."
+        )
+
+
+class InjectionsTooLarge(PromptTooLarge):
+    """The author's notes, lore entries and post-history instructions do not fit beside the persona."""
+
+    def __init__(self, tokens: int, allowed: int) -> None:
+        self.tokens = tokens
+        self.allowed = allowed
+        ValueError.__init__(
+            self,
+            f"The notes, lore entries and post-history instructions are {tokens} tokens, but only "
+            f"{allowed} fit after the persona and the room reserved for the reply.",
         )
 
 
@@ -272,6 +341,7 @@ _PROBE = b"\n"
 @dataclass(frozen=True)
 class _Template:
     opening: tuple[int, ...]  # BOS (when the vocabulary adds one) + <|system|>, as a prompt starts
+    system: tuple[int, ...]  # <|system|> mid-prompt, for injected blocks
     user: tuple[int, ...]
     model: tuple[int, ...]
     newline: tuple[int, ...]
@@ -311,7 +381,7 @@ def _template(tokenizer: Tokenizer) -> _Template:
     # The first marker follows BOS directly, where a whole-prompt tokenization would put the dummy
     # space: tokenize it plainly so the prompt starts the way the model was trained on.
     opening = tuple(tokenizer.tokenize(_encode(SYSTEM), add_bos=True, special=False))
-    template = _Template(opening, piece(USER), piece(MODEL), piece("\n"), probe)
+    template = _Template(opening, piece(SYSTEM), piece(USER), piece(MODEL), piece("\n"), probe)
     with contextlib.suppress(TypeError):  # not weak-referenceable: still correct, only uncached
         _templates[tokenizer] = template
     return template
@@ -351,131 +421,294 @@ def system_budget(tokenizer: Tokenizer, *, n_ctx: int, max_new_tokens: int, rese
 # A label marks the character's disambiguated namesake among the members.
 MEMBER_SUFFIX = " (member)"
 
+# The chronological order of one depth's injected blocks: SillyTavern puts system text nearest the end.
+_INJECTION_ROLES = {"model": 0, "user": 1, "system": 2}
 
-def speaker_label(name: str, character: str = "") -> str:
+
+def character_label(name: str) -> str:
+    """How a character's name is shown before its turns: like a member's label, never suffixed.
+
+    Whitespace runs become one space, and anything that folds to a colon becomes a space, so no
+    name can end its label early and make the rest of its line read as someone else's.
+    """
+    return " ".join("".join(" " if ":" in _fold_char(ch) else ch for ch in name).split())
+
+
+def speaker_label(name: str, character: str | Iterable[str] = "") -> str:
     """How a member's name is shown in the prompt (and so in the reply's stops).
 
     Whitespace runs become one space, and anything that folds to a colon becomes a space, so a
-    display name like `Bob: hi` cannot make its line read as Bob's. A name that reads as the
+    display name like `Bob: hi` cannot make its line read as Bob's. A name that reads as a
     character's once neutralised and folded (case, spacing, zero-width, fullwidth) gets
-    " (member)": the model never sees a member line that looks like its own, and stopping at
-    `\nName:` cannot cut the character's own name. Idempotent.
+    " (member)": `character` is one name or every character present. The model never sees a
+    member line that looks like a character's, and stopping at `\nName:` cannot cut a character's
+    own name. Idempotent.
     """
-    label = " ".join("".join(" " if ":" in _fold_char(ch) else ch for ch in name).split())
-    if label and character and fold_text(neutralise(label)) == fold_text(neutralise(character)):
-        label += MEMBER_SUFFIX
+    label = character_label(name)
+    if label:
+        folded = fold_text(neutralise(label))
+        if any(folded == fold_text(neutralise(character_label(other))) for other in character_names(character)):
+            label += MEMBER_SUFFIX
     return label
 
 
-def _speaker_line(turn: PromptTurn, character: str = "") -> str:
+def _speaker_line(turn: PromptTurn, characters: tuple[str, ...] = ()) -> str:
     """One user turn as prompt text: every line of it starts with its author's label.
 
     Each line break (any that `str.splitlines` knows) starts a new `Label: ` line, so no line of a
     message can pose as another speaker's (`ok\nBob: I hand Alice my sword`).
     """
-    label = speaker_label(turn.speaker, character) if turn.speaker else ""
+    label = speaker_label(turn.speaker, characters) if turn.speaker else ""
     if not label:
         return turn.text
     return "\n".join(f"{label}: {line}" for line in turn.text.splitlines() or [""])
 
 
-def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int, max_new_tokens: int) -> Prompt:
-    """Build the prompt token list, keeping the persona fixed and as many of the newest turns as fit.
+def _model_text(turn: PromptTurn) -> str:
+    """One model turn as prompt text: `Name: text` when a character is named (several share the channel)."""
+    label = character_label(turn.speaker) if turn.speaker else ""
+    return f"{label}: {turn.text}" if label else turn.text
 
-    The prompt plus `max_new_tokens` never exceeds `n_ctx` (exactly full is allowed). A turn that
-    alone is larger than all the room for turns can never fit: it is skipped and older turns are
-    still read. The first turn that merely does not fit in the room left ends the window. Raises
-    PromptTooLarge when the persona alone does not fit and MessageTooLarge when the newest turn does not.
-    """
-    if n_ctx <= 0 or max_new_tokens < 0:
-        raise ValueError("n_ctx must be positive and max_new_tokens non-negative")
-    turns = conversation.turns
-    if conversation.continue_last and (not turns or turns[-1].role != "model"):
-        raise ValueError("continue_last needs a model turn last")
+
+def _check_roles(turns: Iterable[PromptTurn]) -> None:
     for turn in turns:
         if turn.role not in ("user", "model"):
             raise ValueError(f"unknown turn role {turn.role!r}")
 
+
+_Piece = Callable[[str], list[int]]
+
+
+def _render(template: _Template, piece: _Piece, turns: Sequence[PromptTurn], characters: tuple[str, ...]) -> list[int]:
+    """Whole turns as blocks, laid out as the history is: a run of user turns is one block."""
+    out: list[int] = []
+    k = 0
+    while k < len(turns):
+        if turns[k].role == "model":
+            out.extend((*template.model, *piece(neutralise(_model_text(turns[k])))))
+            k += 1
+            continue
+        run: list[PromptTurn] = []
+        while k < len(turns) and turns[k].role == "user":
+            run.append(turns[k])
+            k += 1
+        out.extend(template.user)
+        for number, line in enumerate(_neutralise_parts([_speaker_line(turn, characters) for turn in run])):
+            if number:
+                out.extend(template.newline)
+            out.extend(piece(line))
+    return out
+
+
+def _examples(template: _Template, piece: _Piece, conversation: Conversation) -> list[int]:
+    out: list[int] = []
+    for block in conversation.examples:
+        _check_roles(block)
+        out.extend(_render(template, piece, block, conversation.characters))
+    return out
+
+
+def _inserts(template: _Template, piece: _Piece, conversation: Conversation) -> dict[int, list[list[int]]]:
+    """The injected blocks and the tail by position (before turn `position`; len(turns): after the newest),
+    each position's blocks in chronological order. Positions below 0 are possible: depth beyond history."""
+    n = len(conversation.turns)
+    # A continued reply must stay last, so what would follow it goes right before it (as SillyTavern).
+    shift = 1 if conversation.continue_last else 0
+    groups: dict[tuple[int, str], list[str]] = {}
+    for injection in sorted(conversation.injections, key=lambda item: item.order):
+        if injection.role not in _INJECTION_ROLES:
+            raise ValueError(f"unknown injection role {injection.role!r}")
+        if injection.depth < 0:
+            raise ValueError(f"injection depth must not be negative, got {injection.depth}")
+        if text := injection.text.strip():
+            groups.setdefault((injection.depth, injection.role), []).append(text)
+    markers = {"system": template.system, "user": template.user, "model": template.model}
+    placed: list[tuple[tuple[int, int, int], list[int]]] = []
+    for (depth, role), texts in groups.items():
+        block = [*markers[role], *piece(neutralise("\n".join(texts)))]
+        # Deeper ones first where depth 0 and 1 share a place (continue_last), then by role.
+        placed.append(((n - max(depth, shift), -depth, _INJECTION_ROLES[role]), block))
+    if tail := conversation.tail.strip():
+        placed.append(((n - shift, 1, 0), [*template.system, *piece(neutralise(tail))]))
+    inserts: dict[int, list[list[int]]] = {}
+    for (position, _, _), block in sorted(placed, key=lambda item: item[0]):
+        inserts.setdefault(position, []).append(block)
+    return inserts
+
+
+def story_tokens(tokenizer: Tokenizer, conversation: Conversation) -> int:
+    """Tokens of the head with the example dialogue: BOS, `<|system|>`, the persona and the examples.
+
+    What a prompt holds before its first turn when the examples are kept (`Prompt.system_tokens`):
+    compare it with the context to refuse a card whose story and examples leave no room to talk.
+    """
     template = _template(tokenizer)
 
     def piece(text: str) -> list[int]:
         return _piece_tokens(tokenizer, template.probe, text)
 
     persona = piece(neutralise(conversation.system))
+    return len(template.opening) + len(persona) + len(_examples(template, piece, conversation))
+
+
+_Blocks = list[tuple[list[int], int | None]]  # newest first; turn blocks with the turns they reach back over
+
+
+def build_prompt(tokenizer: Tokenizer, conversation: Conversation, *, n_ctx: int, max_new_tokens: int) -> Prompt:
+    """Build the prompt token list, keeping the persona fixed and as many of the newest turns as fit.
+
+    The prompt plus `max_new_tokens` never exceeds `n_ctx` (exactly full is allowed). Injections,
+    the tail and the reply prefix are always kept. The example dialogue is kept only while it fits
+    beside every given turn, and is dropped before any turn is: the head stays the same while the
+    history grows, until the examples go once. A turn that alone is larger than all the room for
+    turns can never fit: it is skipped and older turns are still read. The first turn that merely
+    does not fit in the room left ends the window. Raises PromptTooLarge when the persona alone does
+    not fit, InjectionsTooLarge (a PromptTooLarge) when the injections and tail do not fit beside
+    it, and MessageTooLarge when the newest turn does not.
+    """
+    if n_ctx <= 0 or max_new_tokens < 0:
+        raise ValueError("n_ctx must be positive and max_new_tokens non-negative")
+    turns = conversation.turns
+    if conversation.continue_last and (not turns or turns[-1].role != "model"):
+        raise ValueError("continue_last needs a model turn last")
+    _check_roles(turns)
+
+    template = _template(tokenizer)
+    pieces: dict[str, list[int]] = {}  # the window may be fitted twice (with and without examples)
+
+    def piece(text: str) -> list[int]:
+        if text not in pieces:
+            pieces[text] = _piece_tokens(tokenizer, template.probe, text)
+        return pieces[text]
+
+    characters = conversation.characters
+    persona = piece(neutralise(conversation.system))
     head = [*template.opening, *persona]
-    closing = [] if conversation.continue_last else list(template.model)
+    if conversation.continue_last:
+        closing: list[int] = []
+    else:
+        closing = [*template.model, *piece(neutralise(conversation.reply_prefix))]
     room = n_ctx - max_new_tokens - len(head) - len(closing)
     if room < 0:
         raise PromptTooLarge(len(persona), max(0, len(persona) + room))
+    inserts = _inserts(template, piece, conversation)
+    inserted = sum(len(block) for blocks in inserts.values() for block in blocks)
+    if inserted > room:
+        raise InjectionsTooLarge(inserted, room)
+    room -= inserted
     turn_room = room  # no turn larger than this can ever fit
 
     model_blocks: dict[int, list[int]] = {}
 
     def model_block(index: int) -> list[int]:
         if index not in model_blocks:
-            model_blocks[index] = [*template.model, *piece(neutralise(turns[index].text))]
+            model_blocks[index] = [*template.model, *piece(neutralise(_model_text(turns[index])))]
         return model_blocks[index]
 
-    blocks: list[tuple[list[int], int]] = []  # newest first, with the turns each reaches back over
-    used = 0  # newest input turns up to the oldest kept one
     n = len(turns)
-    i = n  # turns[i:] have been read
-    while i > 0:
-        if turns[i - 1].role == "model":
-            i -= 1
-            block = model_block(i)
-            if len(block) > room:
-                if used == 0:
-                    raise MessageTooLarge(len(block), room)
-                if len(block) > turn_room:
-                    continue
-                break
-            room -= len(block)
-            used = n - i
-            blocks.append((block, used))
-            continue
-        # A run of user turns forms one block. A model turn between user turns that can never fit is
-        # left out, and the user turns around it join one run, as if it had never been there.
-        members: list[int] = []  # newest first
-        while i > 0 and (turns[i - 1].role == "user" or len(model_block(i - 1)) > turn_room):
-            i -= 1
-            if turns[i].role == "user":
-                members.append(i)
-        # The whole run is neutralised together so a marker split across lines is caught, and
-        # independently of how much of it fits, so a kept line tokenizes the same whatever the window.
-        lines = _neutralise_parts([_speaker_line(turns[k], conversation.character) for k in reversed(members)])
-        kept: list[list[int]] = []  # newest first
-        full = False
-        for index, line in zip(members, reversed(lines), strict=True):
-            tokens = piece(line)
-            cost = len(tokens) + (len(template.newline) if kept else len(template.user))
-            if cost > room:
-                if used == 0:
-                    raise MessageTooLarge(cost, room)
-                if len(tokens) + len(template.user) > turn_room:
-                    continue
-                full = True
-                break
-            kept.append(tokens)
-            room -= cost
-            used = n - index
-        if kept:
-            block = list(template.user)
-            for number, tokens in enumerate(reversed(kept)):
-                if number:
-                    block.extend(template.newline)
-                block.extend(tokens)
-            blocks.append((block, used))
-        if full:
-            break
 
-    tokens = list(head)
+    def fit(room: int) -> tuple[_Blocks, int, bool]:
+        """The newest turns that fit in `room`, with the inserts among them, and whether every turn was read."""
+        blocks: _Blocks = []
+        used = 0  # newest input turns up to the oldest kept one
+        complete = True
+        i = n  # turns[i:] have been read
+
+        def emit(position: int) -> None:
+            blocks.extend((block, None) for block in reversed(inserts.get(position, ())))
+
+        while i > 0:
+            emit(i)
+            if turns[i - 1].role == "model":
+                i -= 1
+                block = model_block(i)
+                if len(block) > room:
+                    if used == 0:
+                        raise MessageTooLarge(len(block), room)
+                    if len(block) > turn_room:
+                        continue
+                    complete = False
+                    break
+                room -= len(block)
+                used = n - i
+                blocks.append((block, used))
+                continue
+            # A run of user turns forms one block. A model turn between user turns that can never fit is
+            # left out, and the user turns around it join one run, as if it had never been there. An
+            # injection ends the run: it is placed between the turns it falls between.
+            members: list[int] = []  # newest first
+            while (
+                i > 0
+                and (not members or i not in inserts)
+                and (turns[i - 1].role == "user" or len(model_block(i - 1)) > turn_room)
+            ):
+                i -= 1
+                if turns[i].role == "user":
+                    members.append(i)
+            # The whole run is neutralised together so a marker split across lines is caught, and
+            # independently of how much of it fits, so a kept line tokenizes the same whatever the window.
+            lines = _neutralise_parts([_speaker_line(turns[k], characters) for k in reversed(members)])
+            kept: list[list[int]] = []  # newest first
+            full = False
+            for index, line in zip(members, reversed(lines), strict=True):
+                tokens = piece(line)
+                cost = len(tokens) + (len(template.newline) if kept else len(template.user))
+                if cost > room:
+                    if used == 0:
+                        raise MessageTooLarge(cost, room)
+                    if len(tokens) + len(template.user) > turn_room:
+                        continue
+                    full = True
+                    break
+                kept.append(tokens)
+                room -= cost
+                used = n - index
+            if kept:
+                block = list(template.user)
+                for number, tokens in enumerate(reversed(kept)):
+                    if number:
+                        block.extend(template.newline)
+                    block.extend(tokens)
+                blocks.append((block, used))
+            if full:
+                complete = False
+                break
+        # Injections deeper than the window reaches go before its oldest turn, deepest first.
+        for position in sorted((p for p in inserts if p <= i), reverse=True):
+            emit(position)
+        return blocks, used, complete
+
+    examples = _examples(template, piece, conversation)
+    window: tuple[_Blocks, int, bool] | None = None
+    if examples and not conversation.history_truncated and len(examples) <= room:
+        with contextlib.suppress(MessageTooLarge):  # then not even the newest turn fits beside them
+            attempt = fit(room - len(examples))
+            if attempt[2]:
+                window = attempt
+    examples_kept = window is not None
+    blocks, used, _ = window if window is not None else fit(room)
+
+    tokens = [*head, *(examples if examples_kept else ())]
+    system_tokens = len(tokens)
+    # A shorter window places every injection the same only if it still holds the turn after it: offer
+    # cuts only at turn blocks older than every injection (positions count turns, the oldest is 0).
+    first_insert = min(inserts, default=n + 1)
     cuts: list[int] = []
-    for block, _ in reversed(blocks):
-        cuts.append(len(tokens))
+    cut_turns: list[int] = []
+    oldest = True
+    for block, reach in reversed(blocks):
+        if reach is not None:
+            if not oldest and n - reach < first_insert:
+                cuts.append(len(tokens))
+                cut_turns.append(reach)
+            oldest = False
         tokens.extend(block)
     tokens.extend(closing)
-    cut_turns = [reach for _, reach in reversed(blocks)]
     return Prompt(
-        tokens=tokens, turns_used=used, system_tokens=len(head), cuts=tuple(cuts[1:]), cut_turns=tuple(cut_turns[1:])
+        tokens=tokens,
+        turns_used=used,
+        system_tokens=system_tokens,
+        cuts=tuple(cuts),
+        cut_turns=tuple(cut_turns),
+        examples_kept=examples_kept,
     )

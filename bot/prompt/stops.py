@@ -5,24 +5,43 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from bot.prompt.builder import ROLE_MARKERS, find_marker, fold_text, neutralise, speaker_label
+from bot.prompt.builder import (
+    ROLE_MARKERS,
+    character_label,
+    character_names,
+    find_marker,
+    fold_text,
+    neutralise,
+    speaker_label,
+)
 
 __all__ = ["clean_reply", "reply_stops", "strip_character_echo"]
 
 
-def _clean_names(speaker_names: Iterable[str], character: str = "") -> list[str]:
+def _clean_names(speaker_names: Iterable[str], character: str = "", characters: Iterable[str] = ()) -> list[str]:
+    """The names a reply stops at, as the prompt shows them: members' labels, then the other characters'."""
+    present = (*character_names(character), *character_names(characters))
+    own = fold_text(neutralise(character_label(character)))
     # Names appear labelled and neutralised in the prompt, so that is the form the model echoes back.
-    names = (neutralise(speaker_label(name, character)) for name in speaker_names)
-    return list(dict.fromkeys(name for name in names if name))
+    members = (neutralise(speaker_label(name, present)) for name in speaker_names)
+    others = (
+        label
+        for label in (neutralise(character_label(name)) for name in character_names(characters))
+        if fold_text(label) != own  # the speaker's own name, also when listed among those present
+    )
+    return list(dict.fromkeys(name for name in (*members, *others) if name))
 
 
-def reply_stops(speaker_names: Iterable[str], character: str = "") -> list[str]:
+def reply_stops(speaker_names: Iterable[str], character: str = "", *, characters: Iterable[str] = ()) -> list[str]:
     """Return the stop strings for a reply: the role markers, `</s>` and `\\n{label}:` for every speaker.
 
-    Labels are `speaker_label(name, character)`: a member named like the character stops the reply
-    at `\\nMira (member):`, never at the character's own `\\nMira:`.
+    `character` is the one speaking, `characters` every character present (the speaker among them or
+    not): the reply also stops where another character's line starts, never at the speaker's own.
+    Members' labels are `speaker_label(name, characters present)`: a member named like a character
+    stops the reply at `\\nMira (member):`, never at the character's own `\\nMira:`.
     """
-    return [*ROLE_MARKERS, "</s>", *(f"\n{name}:" for name in _clean_names(speaker_names, character))]
+    names = _clean_names(speaker_names, character, characters)
+    return [*ROLE_MARKERS, "</s>", *(f"\n{name}:" for name in names)]
 
 
 def _echo_end(text: str, character: str) -> int | None:
@@ -59,19 +78,27 @@ def strip_character_echo(text: str, character: str, *, partial: bool = False) ->
     return text[end:]
 
 
-def clean_reply(text: str, speaker_names: Iterable[str], character: str = "", *, partial: bool = False) -> str:
+def clean_reply(
+    text: str,
+    speaker_names: Iterable[str],
+    character: str = "",
+    *,
+    partial: bool = False,
+    characters: Iterable[str] = (),
+) -> str:
     """Cut a finished reply where the model starts another turn, then strip surrounding whitespace.
 
     The cut falls at the first role or control marker in any variant `neutralise` detects (case,
     spacing, zero-width, fullwidth; `</s>` and `[INST]` included), and at the first line that
-    starts with `{label}:` for a speaker, the first line included. A leading `{character}:` is
-    removed first (see `strip_character_echo`; `partial` while the reply still streams).
+    starts with `{label}:` for a speaker or another of the `characters` present (see
+    `reply_stops`), the first line included. A leading `{character}:` is removed first (see
+    `strip_character_echo`; `partial` while the reply still streams).
     """
     marker = find_marker(text)
     if marker is not None:
         text = text[:marker]
     text = strip_character_echo(text, character, partial=partial)
-    names = _clean_names(speaker_names, character)
+    names = _clean_names(speaker_names, character, characters)
     if names:
         alternation = "|".join(re.escape(name) for name in names)
         # Leading blanks still make a speaker line: the model sometimes indents its imitation.
