@@ -193,6 +193,23 @@ def iter_replies(*replies: str) -> Callable[[str], str]:
     return reply
 
 
+async def test_deleting_one_part_of_a_webhook_reply_removes_the_rest_through_the_webhook(db_url: str) -> None:
+    settings = Settings.model_validate({"model": {"max_new_tokens": 6000}})
+    async with bot_env(db_url, backend=FakeBackend(("A long tale. " * 250).strip(), n_ctx=16384),
+                       settings=settings) as t:
+        tavern = tavern_guild(t.env)
+        moderator = tavern.guild.create_role("Mod", permissions=discord.Permissions(manage_messages=True))
+        mod = tavern.guild.add_member(t.env.create_user("Moderator"), roles=[moderator])
+        await start_session(t, tavern)
+        speak_as(t.bot)
+        await tavern.alice.send(tavern.channel, "Tell me a tale.")
+        first, second = [m for m in tavern.channel.history() if m.webhook_id is not None]
+        await mod.delete(first)
+        assert [m.id for m in tavern.channel.history() if m.author.bot] == []
+        assert requests(t.env, "DELETE", f"/webhooks/{second.webhook_id}/")[-1].path.endswith(f"/messages/{second.id}")
+        assert [turn.role for turn in await stored_turns(t, tavern.channel)] == [Role.USER]
+
+
 async def test_in_a_thread_the_parents_webhook_posts_into_the_thread(db_url: str) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY, token_delay=0.002)) as t:
         tavern = tavern_guild(t.env)
