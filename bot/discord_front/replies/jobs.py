@@ -21,9 +21,10 @@ import asyncio
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import discord
 
@@ -32,19 +33,24 @@ from bot.discord_front.errors import send_error
 from bot.discord_front.keys import channel_key
 from bot.discord_front.replies.buttons import JobKind, PressCooldown, ReplyButtons
 from bot.discord_front.replies.render import (
+    BotPoster,
+    MessageLost,
+    Poster,
     QueueNotice,
     ReplyChannel,
     ReplyDeleted,
     ReplyMessages,
     context_of,
     is_transient,
-    split_message,
     typing_in,
 )
 from bot.errors import EngineClosed, TavernError
 from bot.inference.engine import Queued, Started, Text
 from bot.prompt.builder import MessageTooLarge, PromptTooLarge
 from persistence.records import ChannelSession, Role, Turn
+
+if TYPE_CHECKING:
+    from bot.discord_front.webhooks import Character, CharacterVoices
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,10 @@ class ChannelReplies:
         # Messages the bot deletes itself (queue notices, surplus parts): their delete events are not
         # a user removing a turn.
         self._own_deletes: set[int] = set()
+        # Characters speaking through webhooks: without `voices`, or for a session whose
+        # `character_of` is None, replies are posted by the bot as itself.
+        self.voices: CharacterVoices | None = None
+        self.character_of: Callable[[ChannelSession], Awaitable[Character | None]] | None = None
 
     # --- entry points -----------------------------------------------------------------------------
 
@@ -157,8 +167,17 @@ class ChannelReplies:
 
     async def delete_messages(self, channel: ReplyChannel, message_ids: Sequence[int]) -> None:
         """Delete the bot's own messages (the rest of a reply whose turn was removed)."""
-        target = self._target(channel, [channel.get_partial_message(m) for m in message_ids])
-        await target.discard()
+        if not message_ids:
+            return
+        poster = await self._poster_of(channel, message_ids)
+        if poster is not None:
+            await self._target(poster, message_ids).discard()
+
+    async def poster_for(self, channel: ReplyChannel, character: Character | None) -> Poster:
+        """Who posts a new reply in `channel`: the character's webhook, or the bot."""
+        if character is None or self.voices is None:
+            return BotPoster(channel)
+        return await self.voices.poster(channel, character)
 
     async def announce(self, channel: ReplyChannel, text: str) -> None:
         """Post a short notice in the channel (a missing permission there pauses its session)."""
@@ -300,15 +319,17 @@ class ChannelReplies:
             return
         saved = False
         try:
-            saved = await self._write_reply(job, stream, previous)
+            saved = await self._write_reply(job, stream, previous, await self._character(session))
         finally:
             stream.cancel()
             if not saved and stream.into is not None:
                 await repo.delete_turn(stream.into.id)  # nothing of the reply is shown or kept
 
-    async def _write_reply(self, job: _Job, stream: ReplyStream, previous: int | None) -> bool:
+    async def _write_reply(
+        self, job: _Job, stream: ReplyStream, previous: int | None, character: Character | None
+    ) -> bool:
         """Show and store a new reply; True once it is stored."""
-        target = self._target(job.channel)
+        target = self._target(await self.poster_for(job.channel, character))
         if stream.into is not None:
             # Each message is mapped to the reserved turn as soon as it is posted: after a crash the
             # restarted bot can then find the half-written reply and take it down (`bot.discord_front.recovery`).
@@ -345,9 +366,7 @@ class ChannelReplies:
             await self._notice(job, checked)
             return
         session, turn = checked
-        target = self._target(
-            job.channel, [job.channel.get_partial_message(m) for m in turn.message_ids], split_message(turn.content)
-        )
+        target = await self._rework_target(job, turn, await self._character(session))
         try:
             if job.kind == "regenerate":
                 stream = await self.service.regenerate(session, turn)
@@ -381,14 +400,40 @@ class ChannelReplies:
 
     # --- rendering --------------------------------------------------------------------------------
 
-    def _target(
-        self,
-        channel: ReplyChannel,
-        messages: Sequence[discord.Message | discord.PartialMessage] = (),
-        shown: Sequence[str] | None = None,
-    ) -> ReplyMessages:
-        return ReplyMessages(channel, self._own_deletes, messages=messages,
-                             shown=[""] * len(messages) if shown is None else shown)
+    def _target(self, poster: Poster, message_ids: Sequence[int] = (), text: str | None = None) -> ReplyMessages:
+        return ReplyMessages(poster, self._own_deletes, message_ids=message_ids, text=text)
+
+    async def _character(self, session: ChannelSession) -> Character | None:
+        return None if self.character_of is None else await self.character_of(session)
+
+    async def _rework_target(self, job: _Job, turn: Turn, character: Character | None) -> ReplyMessages:
+        """The messages of a reply to rework, through the poster of their author (the clicked message's).
+
+        Messages no poster can change any more (their webhook is gone) are left; the reply is posted anew.
+        """
+        clicked = job.interaction.message if job.interaction is not None else None
+        poster: Poster | None = BotPoster(job.channel)
+        if self.voices is not None and clicked is not None:
+            poster = await self.voices.poster_of(job.channel, clicked, character)
+        if poster is None:
+            return self._target(await self.poster_for(job.channel, character))
+        return self._target(poster, turn.message_ids, turn.content)
+
+    async def _poster_of(self, channel: ReplyChannel, message_ids: Sequence[int]) -> Poster | None:
+        """The poster that can change these messages of one reply (None if none can): the bot for its
+        own, else the character webhook that posted them (read from the first one still there)."""
+        if self.voices is None:
+            return BotPoster(channel)
+        for message_id in message_ids:
+            try:
+                message = await channel.fetch_message(message_id)
+            except discord.NotFound:
+                continue
+            except (discord.HTTPException, discord.RateLimited) as exc:
+                log.warning("cannot read message %s in channel %s to change it: %s", message_id, channel.id, exc)
+                return None
+            return await self.voices.poster_of(channel, message, None)
+        return None
 
     async def _pump(self, channel: ReplyChannel, stream: ReplyStream, target: ReplyMessages) -> str:
         """Stream into `target`, editing at most about once per `edit_interval`; return the final text."""
@@ -423,7 +468,7 @@ class ChannelReplies:
     async def _keep_partial(self, stream: ReplyStream, target: ReplyMessages) -> bool:
         """After a failure mid-reply, keep what was shown (stored as interrupted) or remove it."""
         text = stream.text
-        if text and target.messages:
+        if text and target.ids:
             await target.finish(text, self._buttons())
             await stream.save(target.ids)
             return True
@@ -450,11 +495,15 @@ class ChannelReplies:
         return view
 
     async def _remove_buttons(self, channel: ReplyChannel, message_id: int) -> None:
-        """Take the buttons off the previous reply (a new one was posted)."""
+        """Take the buttons off the previous reply (a new one was posted), through the poster of its author
+        (only a webhook can edit its own messages)."""
+        poster = await self._poster_of(channel, [message_id])
+        if poster is None:
+            return
         try:
-            await channel.get_partial_message(message_id).edit(view=None)
-        except discord.NotFound:
-            pass  # the old reply is gone, and its buttons with it
+            await poster.edit(message_id, view=None)
+        except (discord.NotFound, MessageLost):
+            pass  # the old reply is gone, or its webhook: its buttons cannot be changed
         except (discord.HTTPException, discord.RateLimited) as exc:
             log.warning("cannot remove the buttons of message %s in channel %s: %s", message_id, channel.id, exc)
 

@@ -13,9 +13,11 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Protocol
 
 import aiohttp
 import discord
+from discord.utils import MISSING
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +51,20 @@ def _cut_point(text: str, limit: int) -> int:
     return limit
 
 
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Split `text` into Discord messages of at most `limit` characters.
+def split_message(text: str, limit: int = MESSAGE_LIMIT, *, first_limit: int | None = None) -> list[str]:
+    """Split `text` into Discord messages of at most `limit` characters (`first_limit` for the first).
 
     Cuts fall at a paragraph break, else a line break, else a sentence end, else a space, else
     mid-word. The whitespace at each cut and around the whole text is dropped (Discord trims it
     anyway); nothing else is. Blank text gives no parts.
     """
-    if limit < 1:
+    first = limit if first_limit is None else first_limit
+    if limit < 1 or first < 1:
         raise ValueError("limit must be positive")
     parts: list[str] = []
     rest = text.strip()
-    while len(rest) > limit:
-        cut = _cut_point(rest, limit)
+    while len(rest) > (first if not parts else limit):
+        cut = _cut_point(rest, first if not parts else limit)
         parts.append(rest[:cut].rstrip())
         rest = rest[cut:].lstrip()
     if rest:
@@ -104,106 +107,186 @@ class ReplyDeleted(Exception):
     """A message of the reply was deleted while it was being written."""
 
 
+class MessageLost(Exception):
+    """A message of the reply can no longer be changed, though nobody deleted the reply: the webhook
+    that posted it was deleted. The reply goes on in new messages."""
+
+
+class Poster(Protocol):
+    """Posts, edits and deletes the messages of replies in one channel, as the bot or as a character.
+
+    `prefix` goes before the first part of a reply (it counts against the message limit and is never
+    part of the reply's text). `edit`'s `view` is left alone when not given; None removes it.
+    `edit` and `delete` raise `discord.NotFound` for a message that is gone, `MessageLost` for one
+    that can no longer be changed.
+    """
+
+    channel: ReplyChannel
+    prefix: str
+
+    async def send(self, content: str, view: discord.ui.View | None) -> discord.Message: ...
+
+    async def edit(self, message_id: int, *, content: str = ..., view: discord.ui.View | None = ...) -> None: ...
+
+    async def delete(self, message_id: int) -> None: ...
+
+
+def speaker_prefix(name: str | None) -> str:
+    """`**Name**` and a line break: who speaks, for replies the bot posts as itself for a character."""
+    return f"**{discord.utils.escape_markdown(name)}**\n" if name else ""
+
+
+class BotPoster:
+    """The bot posting as itself; for a character, its name in bold opens every reply."""
+
+    def __init__(self, channel: ReplyChannel, name: str | None = None) -> None:
+        self.channel = channel
+        self.prefix = speaker_prefix(name)
+
+    async def send(self, content: str, view: discord.ui.View | None) -> discord.Message:
+        # The client's default `allowed_mentions` (none) applies to every send and edit.
+        return await (self.channel.send(content, view=view) if view else self.channel.send(content))
+
+    async def edit(self, message_id: int, *, content: Any = MISSING, view: Any = MISSING) -> None:
+        changes: dict[str, Any] = {}
+        if content is not MISSING:
+            changes["content"] = content
+        if view is not MISSING:
+            changes["view"] = view
+        await self.channel.get_partial_message(message_id).edit(**changes)
+
+    async def delete(self, message_id: int) -> None:
+        await self.channel.get_partial_message(message_id).delete()
+
+
 class ReplyMessages:
     """The Discord messages that show one reply; posts, edits and trims them to match its text.
 
     `show` is the best-effort streaming update (a transient failure raises for the caller to skip
-    it); `finish` is the exact final state. A lock keeps the two apart.
+    it); `finish` is the exact final state. A lock keeps the two apart. Every message goes through
+    `poster`. If the poster loses the reply's messages (`MessageLost`: a moderator deleted the
+    character's webhook), the reply starts over in new messages, once per call; the old ones stay.
     """
 
     def __init__(
         self,
-        channel: ReplyChannel,
+        poster: Poster,
         own_deletes: set[int],
         *,
-        messages: Sequence[discord.Message | discord.PartialMessage] = (),
-        shown: Sequence[str] = (),
+        message_ids: Sequence[int] = (),
+        text: str | None = None,
         on_post: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
-        self.channel = channel
+        self.poster = poster
+        self.channel = poster.channel
         # Awaited with the id of every message posted for the reply, as soon as it is up.
         self.on_post = on_post
-        self.messages = list(messages)
-        self.shown = list(shown)
+        self.messages = list(message_ids)
+        # What each message shows now (without the prefix); "" when unknown.
+        parts = self.parts(text) if text is not None else []
+        self.shown = [parts[i] if i < len(parts) else "" for i in range(len(self.messages))]
         self.created: list[int] = []
         self._own_deletes = own_deletes
-        self._view_on = self.messages[-1].id if self.messages else None
+        self._view_on = self.messages[-1] if self.messages else None
         self._lock = asyncio.Lock()
 
     @property
     def ids(self) -> tuple[int, ...]:
         """Ids of the reply's messages, in order."""
-        return tuple(m.id for m in self.messages)
+        return tuple(self.messages)
+
+    def parts(self, text: str) -> list[str]:
+        """`text` split into messages, the first one leaving room for the poster's prefix."""
+        return split_message(text, first_limit=MESSAGE_LIMIT - len(self.poster.prefix))
 
     async def show(self, text: str) -> None:
         """Streaming update: edit the parts that changed, post new ones; never removes anything."""
         async with self._lock:
-            for index, part in enumerate(split_message(text)):
-                if index < len(self.messages):
-                    if self.shown[index] != part:
-                        try:
-                            await self.messages[index].edit(content=part)
-                        except discord.NotFound as exc:
-                            raise ReplyDeleted() from exc
-                        self.shown[index] = part
-                else:
-                    await self._post(part, None)
+            try:
+                await self._show(text)
+            except MessageLost:
+                await self._start_over()
+                await self._show(text)
 
     async def finish(self, text: str, view: discord.ui.View | None) -> None:
         """Final update: exact text, `view` on the last message only, surplus messages deleted."""
         async with self._lock:
-            parts = split_message(text)
-            last = len(parts) - 1
-            for index, part in enumerate(parts):
-                if index >= len(self.messages):
-                    await self._post(part, view if index == last else None)
-                    continue
-                message = self.messages[index]
-                if index == last:
-                    edit = message.edit(content=part, view=view)
-                elif self.shown[index] != part or message.id == self._view_on:
-                    edit = message.edit(content=part, view=None)
-                else:
-                    continue
-                try:
-                    await edit
-                except discord.NotFound as exc:
-                    raise ReplyDeleted() from exc
-                self.shown[index] = part
-            surplus = self.messages[len(parts):]
-            del self.messages[len(parts):], self.shown[len(parts):]
-            for message in surplus:
-                await self._delete(message)
+            try:
+                await self._finish(text, view)
+            except MessageLost:
+                await self._start_over()
+                await self._finish(text, view)
 
     async def discard(self) -> None:
         """Delete every message of the reply (it came out empty after all)."""
         async with self._lock:
             messages, self.messages, self.shown = self.messages, [], []
-            for message in messages:
-                await self._delete(message)
+            for message_id in messages:
+                await self._delete(message_id)
+
+    async def _show(self, text: str) -> None:
+        for index, part in enumerate(self.parts(text)):
+            if index < len(self.messages):
+                if self.shown[index] != part:
+                    await self._edit(index, part, MISSING)
+            else:
+                await self._post(part, None)
+
+    async def _finish(self, text: str, view: discord.ui.View | None) -> None:
+        parts = self.parts(text)
+        last = len(parts) - 1
+        for index, part in enumerate(parts):
+            if index >= len(self.messages):
+                await self._post(part, view if index == last else None)
+            elif index == last:
+                await self._edit(index, part, view)
+            elif self.shown[index] != part or self.messages[index] == self._view_on:
+                await self._edit(index, part, None)
+        surplus = self.messages[len(parts):]
+        del self.messages[len(parts):], self.shown[len(parts):]
+        for message_id in surplus:
+            await self._delete(message_id)
+
+    async def _start_over(self) -> None:
+        """Forget the messages posted so far, removing those that can still be removed."""
+        log.info("the messages of a reply in channel %s were lost with their webhook; posting it anew",
+                 self.channel.id)
+        messages, self.messages, self.shown, self._view_on = self.messages, [], [], None
+        for message_id in messages:
+            await self._delete(message_id)
+
+    def _content(self, index: int, part: str) -> str:
+        return self.poster.prefix + part if index == 0 else part
+
+    async def _edit(self, index: int, part: str, view: Any) -> None:
+        try:
+            await self.poster.edit(self.messages[index], content=self._content(index, part), view=view)
+        except discord.NotFound as exc:
+            raise ReplyDeleted() from exc
+        self.shown[index] = part
 
     async def _post(self, part: str, view: discord.ui.View | None) -> None:
-        message = await (self.channel.send(part, view=view) if view else self.channel.send(part))
-        self.messages.append(message)
+        message = await self.poster.send(self._content(len(self.messages), part), view)
+        self.messages.append(message.id)
         self.shown.append(part)
         self.created.append(message.id)
         if self.on_post is not None:
             await self.on_post(message.id)
 
-    async def _delete(self, message: discord.Message | discord.PartialMessage) -> None:
-        await delete_own(message, self._own_deletes, self.channel.id)
+    async def _delete(self, message_id: int) -> None:
+        await delete_own(self.poster, message_id, self._own_deletes)
 
 
-async def delete_own(message: discord.Message | discord.PartialMessage, own_deletes: set[int], channel_id: int) -> None:
+async def delete_own(poster: Poster, message_id: int, own_deletes: set[int]) -> None:
     """Delete a message of the bot, noting it so its delete event is not taken for a user's."""
-    own_deletes.add(message.id)
+    own_deletes.add(message_id)
     try:
-        await message.delete()
-    except discord.NotFound:
-        own_deletes.discard(message.id)
+        await poster.delete(message_id)
+    except (discord.NotFound, MessageLost):
+        own_deletes.discard(message_id)
     except (discord.HTTPException, discord.RateLimited) as exc:
-        own_deletes.discard(message.id)
-        log.warning("cannot delete message %s of the bot in channel %s: %s", message.id, channel_id, exc)
+        own_deletes.discard(message_id)
+        log.warning("cannot delete message %s of the bot in channel %s: %s", message_id, poster.channel.id, exc)
 
 
 class QueueNotice:
@@ -233,4 +316,4 @@ class QueueNotice:
         """Delete the notice if it is up."""
         message, self.message = self.message, None
         if message is not None:
-            await delete_own(message, self._own_deletes, self.channel.id)
+            await delete_own(BotPoster(self.channel), message.id, self._own_deletes)
