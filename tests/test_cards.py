@@ -431,6 +431,10 @@ def test_with_avatar_normalizes_any_image() -> None:
     assert exported.avatar is not None and image_of(exported.avatar).size == (512, 256)
     with pytest.raises(CardError, match="could not be read"):
         cards.with_avatar(card, b"not an image")
+    with pytest.raises(CardError, match="could not be read"):  # only web formats reach a decoder
+        cards.with_avatar(card, image_bytes(fmt="TIFF"))
+    webp = cards.with_avatar(card, image_bytes((3, 4), fmt="WEBP"))
+    assert webp.avatar is not None and image_of(webp.avatar).size == (3, 4)
 
 
 def test_placeholder_avatar() -> None:

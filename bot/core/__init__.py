@@ -1,1 +1,1 @@
-"""The roleplay domain without Discord: chat sessions, personas, channel settings."""
+"""The roleplay domain without Discord: chat sessions, personas, character cards, channel settings."""

@@ -58,6 +58,8 @@ _TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 _CARD_KEYWORDS = ("ccv3", "chara")  # in order of preference, as SillyTavern reads them
 _OTHER_IMAGES = ((b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"))
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif", ".bmp")
+# Untrusted images reach only the web formats' decoders, never libtiff, Ghostscript (EPS) and the like.
+_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "AVIF")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _TEXT_FIELDS = (
@@ -523,7 +525,7 @@ class _Budget:
         try:
             with archive.open(info) as member:
                 blob = member.read(self.left + 1)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError):
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError, NotImplementedError):
             raise CardError(f"The CHARX archive is damaged (cannot unpack {info.filename[:80]}).") from None
         if len(blob) > self.left:
             raise CardError(f"The CHARX archive unpacks to more than {_mib(self.limit)}; refused.")
@@ -534,7 +536,8 @@ class _Budget:
 def _read_charx(data: bytes, max_bytes: int) -> CharacterCard:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError):
+        # NotImplementedError: a version or feature field beyond what zipfile reads, e.g. after damage
         raise CardError("That zip (CHARX) archive is damaged.") from None
     with archive:
         members = {info.filename: info for info in archive.infolist()}
@@ -590,10 +593,16 @@ def _zip_path(uri: str) -> str | None:
 # --- images -----------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _image_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(name for name in _IMAGE_FORMATS if name in Image.OPEN)  # AVIF needs a recent Pillow
+
+
 def _avatar_from_image(data: bytes, what: str) -> bytes:
-    """Any image Pillow reads, as a PNG of at most AVATAR_MAX_SIDE a side with no metadata chunks."""
+    """A PNG, JPEG, GIF, WEBP, BMP or AVIF image as a PNG of at most AVATAR_MAX_SIDE a side, without metadata."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=_image_formats()) as image:
             width, height = image.size
             if width * height > IMAGE_MAX_PIXELS:
                 raise CardError(f"{what} is {width}x{height} pixels, too large to read.")
@@ -641,7 +650,7 @@ def avatar_png(card: CharacterCard) -> bytes:
 
 
 def with_avatar(card: CharacterCard, image: bytes) -> CharacterCard:
-    """The card with a new image: any image Pillow reads, normalized to a PNG of at most 512 a side."""
+    """The card with a new image (PNG, JPEG, GIF, WEBP, BMP, AVIF), normalized to a PNG of at most 512 a side."""
     if len(image) > DEFAULT_MAX_BYTES:
         raise CardError(f"That image is {_mib(len(image))}; at most {_mib(DEFAULT_MAX_BYTES)} are allowed.")
     return replace(card, avatar=_avatar_from_image(image, "That image"))
