@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="roleplay in the terminal (stdin may be a pipe)")
     chat.add_argument("--persona", help="persona text, or @FILE to read it from a file")
+    chat.add_argument("--character", metavar="FILE", help="play a character card (PNG, JSON or CHARX)")
     chat.add_argument("--session", default="default", help="session name; history persists and resumes")
     chat.add_argument("--name", default=None, help="your speaker name (default: your login name)")
     run = sub.add_parser("run", help="run the Discord bot (the token is read from DISCORD_TOKEN)")
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         model_path = app.model_path_for(settings)
         if args.command == "chat":
             persona = app.read_persona(args.persona)
-            asyncio.run(app.chat_main(settings, args, model_path, persona))
+            card = app.read_character(args.character, settings.characters.max_card_bytes)
+            asyncio.run(app.chat_main(settings, args, model_path, persona, card=card))
         elif args.command == "run":
             asyncio.run(app.run_main(settings, model_path, token))
     except (ConfigError, BackupError) as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bot.config import ConfigError, Settings, check_model_file, load_settings
+from bot.core.cards import CardError, CharacterCard, read_card
 from bot.core.sessions import ChatService
 from bot.discord_front.client import TavernBot, create_bot
 from bot.inference.engine import Engine
@@ -43,6 +44,23 @@ def read_persona(value: str | None) -> str | None:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--persona: cannot read {path}: {exc.strerror}") from None
+
+
+def read_character(value: str | None, max_bytes: int) -> CharacterCard | None:
+    """The card of `--character FILE` (PNG, JSON or CHARX); ConfigError naming the file if it is unreadable."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ConfigError(f"--character: {path} is larger than characters.max_card_bytes ({max_bytes:,} bytes)")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--character: cannot read {path}: {exc.strerror}") from None
+    try:
+        return read_card(data, max_bytes=max_bytes)
+    except CardError as exc:
+        raise ConfigError(f"--character: {path}: {exc.user_message}") from None
 
 
 def settings_from(config: Path | None) -> Settings:
@@ -87,13 +105,13 @@ def discord_bot(settings: Settings, service: ChatService, *, edit_interval: floa
 
 async def chat_main(
     settings: Settings, args: argparse.Namespace, model_path: str, persona: str | None,
-    *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+    *, stdin: TextIO | None = None, stdout: TextIO | None = None, card: CharacterCard | None = None,
 ) -> None:
-    """Run the terminal chat."""
+    """Run the terminal chat (playing `card` when given)."""
     user_name = args.name or getpass.getuser() or "User"
     async with services(settings, llama_engine(settings, model_path)) as service:
         await run_chat(service, service.engine, session_name=args.session, persona=persona, user_name=user_name,
-                       stdin=stdin or sys.stdin, stdout=stdout or sys.stdout)
+                       stdin=stdin or sys.stdin, stdout=stdout or sys.stdout, card=card)
 
 
 async def serve(bot: TavernBot, token: str, *, grace: float = SHUTDOWN_GRACE) -> None:

@@ -114,6 +114,27 @@ class DiscordSettings(_Section):
     cooldown_seconds: float = Field(30.0, gt=0, le=3600, description="the per-user rate window")
 
 
+class CharacterSettings(_Section):
+    """Character cards, several characters per channel, and lorebooks."""
+
+    max_card_bytes: int = Field(16 * 2**20, ge=1024, le=64 * 2**20, description="largest card or lorebook file")
+    fetch_timeout_seconds: float = Field(20.0, gt=0, le=120, description="time limit for fetching a card URL")
+    allow_private_urls: bool = Field(False, description="let /character import fetch loopback and private addresses")
+    max_per_channel: int = Field(15, ge=1, le=15, description="characters one channel may have")
+    max_speakers: int = Field(1, ge=1, le=15, description="characters that answer one message")
+    cards_in_prompt: Literal["speaker", "all"] = Field(
+        "speaker", description="with several characters: only the speaker's card, or all cards joined"
+    )
+    prefill_name: bool = Field(True, description="with several characters: start the reply with 'Name:'")
+    lore_budget: float = Field(0.25, gt=0, le=1, description="share of the context lorebook entries may fill")
+    lore_scan_depth: int = Field(2, ge=0, le=100, description="newest messages scanned for lorebook keys")
+    lore_in_head: Literal["constant", "all"] = Field(
+        "constant",
+        description="lore placed before/after the character: only constant entries stay there, or all of them",
+    )
+    lore_depth: int = Field(4, ge=0, le=100, description="depth that other before/after-character lore moves to")
+
+
 class LoggingSettings(_Section):
     """Log output."""
 
@@ -129,6 +150,7 @@ class Settings(_Section):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    characters: CharacterSettings = Field(default_factory=CharacterSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
 

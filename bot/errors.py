@@ -50,8 +50,8 @@ class PersonaMissing(TavernError):
     """The session has no persona text to answer as (never answer from an empty persona)."""
 
     user_message = (
-        "This channel has no persona to play any more, so I won't answer. Someone with Manage Server "
-        "can choose one with /persona use."
+        "This channel has no character to play any more, so I won't answer. Someone with Manage Server "
+        "can choose one with /character use."
     )
 
 

@@ -6,11 +6,12 @@ import asyncio
 import logging
 from typing import TextIO
 
-from bot.core.sessions import ChatService, Speaker
+from bot.core import cards
+from bot.core.sessions import ChatService, Speaker, character_of, main_character
 from bot.errors import TavernError
 from bot.inference.engine import Engine, Queued, Text
 from bot.prompt.builder import MessageTooLarge, PromptTooLarge
-from persistence.records import ChannelSession, Role
+from persistence.records import ChannelSession, Persona, Role
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +37,58 @@ class TerminalChat:
         self.stdout = stdout
         self.user = Speaker(None, user_name)
         self.interactive = stdin.isatty()
+        self.character = "Character"  # the name replies are shown under
 
     def say(self, text: str = "", end: str = "\n") -> None:
         """Write to the terminal and flush."""
         self.stdout.write(text + end)
         self.stdout.flush()
 
-    async def open(self, session_name: str, persona: str | None) -> ChannelSession:
-        """Resume the named session (updating its persona if one is given) or start it."""
+    async def open(
+        self, session_name: str, persona: str | None, card: cards.CharacterCard | None = None
+    ) -> ChannelSession:
+        """Resume the named session (switching to the persona or card if one is given) or start it.
+
+        A card is stored as a character of no server (by its name) and played; a new story opens with
+        its greeting.
+        """
         repo = self.service.repo
         key = channel_key(session_name)
         session = await repo.get_active_session(key)
-        if session is None or persona is not None:
+        if card is not None:
+            session = await repo.start_session(key, persona_id=(await self._store(card)).id)
+        elif session is None or persona is not None:
             session = await repo.start_session(key, persona_text=persona or (
                 session.persona_text if session else DEFAULT_PERSONA))
             await self.service.check_persona(session.persona_text)
+        self.character = main_character(session).name if session.persona_id is not None else "Character"
         history = await repo.recent_turns(session.id, HISTORY_SHOWN)
         if history:
             total = await repo.count_turns(session.id)
             self.say(f"Resuming session '{session_name}' ({total} turns). Last turns:")
             for turn in history:
-                who = turn.author_name if turn.role is Role.USER else "Character"
+                who = turn.author_name if turn.role is Role.USER else (turn.author_name or self.character)
                 self.say(f"  {who}: {turn.content}")
         else:
             self.say(f"New session '{session_name}'.")
+            greeting = await self.service.greet(session, self.user.name)
+            if greeting is not None:
+                self.say(f"{self.character}: {greeting.content}")
         return session
+
+    async def _store(self, card: cards.CharacterCard) -> Persona:
+        """Store (or refresh) the card as a character of no server and check it fits the context."""
+        repo = self.service.repo
+        name = " ".join(card.name.split()) or "Character"
+        stored = cards.stored_json(card)
+        if await repo.get_persona(None, name) is None:
+            await repo.create_persona(None, name, card.description, card=stored, avatar=card.avatar)
+        else:
+            await repo.update_persona(None, name, card.description, card=stored, avatar=card.avatar)
+        persona = await repo.get_persona(None, name)
+        assert persona is not None
+        await self.service.check_card(character_of(persona))
+        return persona
 
     async def run(self, session: ChannelSession) -> None:
         """Chat until /quit or end of input."""
@@ -96,7 +124,7 @@ class TerminalChat:
                     self.say(f"(waiting for the model, position {chunk.position})")
                 elif isinstance(chunk, Text):
                     if not shown:
-                        self.say("Character: ", end="")
+                        self.say(f"{self.character}: ", end="")
                     # Print the cleaned prefix only, so stop strings never reach the screen.
                     current = stream.text
                     if current.startswith(shown) and len(current) > len(shown):
@@ -117,9 +145,9 @@ class TerminalChat:
 
 async def run_chat(
     service: ChatService, engine: Engine, *, session_name: str, persona: str | None, user_name: str,
-    stdin: TextIO, stdout: TextIO,
+    stdin: TextIO, stdout: TextIO, card: cards.CharacterCard | None = None,
 ) -> None:
     """Run one terminal chat session over an already started engine and repository."""
     chat = TerminalChat(service, stdin, stdout, user_name=user_name)
-    session = await chat.open(session_name, persona)
+    session = await chat.open(session_name, persona, card)
     await chat.run(session)

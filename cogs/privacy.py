@@ -67,6 +67,11 @@ def user_turn_record(item: tuple[str, Turn]) -> dict[str, Any]:
     }
 
 
+def persona_record(text: str) -> dict[str, Any]:
+    """The export line of a member's `/me persona`."""
+    return {"persona": text}
+
+
 async def user_turn_pages(repo: Repository, user_id: int, guild_id: int) -> AsyncIterator[list[tuple[str, Turn]]]:
     """A member's turns in one server, a page at a time, oldest first."""
     after = 0
@@ -134,10 +139,18 @@ class Privacy(commands.GroupCog, group_name="privacy", group_description="Your d
         """Send the member their own turns of this server as JSON Lines, privately."""
         guild = require_guild(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
+        persona = await self.bot.repo.get_user_persona(guild.id, interaction.user.id)
+
+        async def pages() -> AsyncIterator[list[dict[str, Any]]]:
+            if persona:
+                yield [persona_record(persona)]
+            async for page in user_turn_pages(self.bot.repo, interaction.user.id, guild.id):
+                yield [user_turn_record(item) for item in page]
+
         await send_export(
             interaction,
-            user_turn_pages(self.bot.repo, interaction.user.id, guild.id),
-            user_turn_record,
+            pages(),
+            lambda record: record,
             f"tavernkeep-{guild.id}-{interaction.user.id}.jsonl",
             lambda count: f"Your {count} stored roleplay messages in this server, one JSON object per line.",
             nothing=NOTHING_STORED.format(verb="export"),
@@ -152,6 +165,8 @@ class Privacy(commands.GroupCog, group_name="privacy", group_description="Your d
         guild = require_guild(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
         count = await self.bot.repo.count_user_turns(interaction.user.id, guild.id)
+        if await self.bot.repo.get_user_persona(guild.id, interaction.user.id):
+            count += 1  # the member's /me persona is theirs too
         if not count:
             await interaction.edit_original_response(content=NOTHING_STORED.format(verb="delete"))
             return

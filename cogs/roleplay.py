@@ -50,6 +50,7 @@ class Roleplay(commands.Cog):
                     return  # over the member's message limit: told so, neither stored nor answered
                 speaker, text = taken
                 await self.bot.service.add_user_turn(session, speaker, text, message_id=message.id)
+                replied_to = await self._replied_character(message)
         except DuplicateMessage:
             return  # a replayed MESSAGE_CREATE: this message was stored (and answered) already
         except Exception:
@@ -60,7 +61,15 @@ class Roleplay(commands.Cog):
             except discord.HTTPException as exc:
                 log.warning("cannot tell channel %s that a message was not saved: %s", message.channel.id, exc)
             return
-        self.bot.replies.request_reply(message.channel, message.author)
+        self.bot.replies.request_reply(message.channel, message.author, replied_to=replied_to)
+
+    async def _replied_character(self, message: discord.Message) -> int | None:
+        """The character whose message this one replies to, if any (it then answers)."""
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return None
+        turn = await self.bot.repo.turn_by_message(reference.message_id)
+        return turn.character_id if turn is not None and turn.role is Role.MODEL else None
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:

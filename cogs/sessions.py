@@ -14,7 +14,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.core import channel_settings, personas
+from bot.core import channel_settings, characters
 from bot.discord_front.autocomplete import persona_autocomplete
 from bot.discord_front.errors import TavernView
 from bot.discord_front.exports import COOLDOWN_RATE, COOLDOWN_SECONDS, PAGE, per_member, send_export
@@ -126,9 +126,12 @@ class ConfirmReset(TavernView):
         self.bot.engine.cancel_key(session.channel_key)
         fresh = await self.bot.repo.archive_session(session.id)
         name = fresh.persona_name or "the character"
+        greeting = await self.bot.service.greet(fresh, interaction.user.display_name)
         await interaction.response.edit_message(
             content=f'History archived; the story starts over with "{name}".', view=None
         )
+        if greeting is not None and isinstance(interaction.channel, ReplyChannel):
+            await self.bot.replies.post_greeting(interaction.channel, fresh, greeting)
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction, _button: discord.ui.Button[ConfirmReset]) -> None:
@@ -157,15 +160,52 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Run t
         return await check_admin(interaction)
 
     @app_commands.command(name="start", description="Start or resume roleplay in this channel")
-    @app_commands.describe(persona="Persona the character plays (default: keep the current one)")
-    @app_commands.autocomplete(persona=persona_autocomplete)
-    async def start(self, interaction: discord.Interaction, persona: str | None = None) -> None:
-        """Start or resume the channel's session."""
+    @app_commands.describe(character="The main character here (default: keep the current one)")
+    @app_commands.autocomplete(character=persona_autocomplete)
+    async def start(self, interaction: discord.Interaction, character: str | None = None) -> None:
+        """Start or resume the channel's session; a new story opens with the character's greeting."""
         guild = require_guild(interaction)
-        result = await personas.start_session(
-            self.bot.service, interaction_channel_key(interaction), guild.id, persona
+        result = await characters.start_session(
+            self.bot.service, interaction_channel_key(interaction), guild.id, character,
+            user=interaction.user.display_name,
         )
         await interaction.response.send_message(result.message(), ephemeral=True)
+        await self.bot.replies.after_start(interaction.channel, result)
+
+    @app_commands.command(name="note", description="Show or set this channel's author's note")
+    @app_commands.describe(
+        text="Guidance placed in the story (empty shows the current note)",
+        depth="How many messages from the end it goes (default 4)",
+        role="Who it is written as (default system)",
+        clear="Remove the note",
+    )
+    async def note(
+        self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 1000] | None = None,
+        depth: app_commands.Range[int, 0, 100] | None = None, role: Literal["system", "user", "model"] | None = None,
+        clear: bool = False,
+    ) -> None:
+        """The author's note is stored with the session and goes into every prompt at its depth."""
+        session = await current_session(self.bot, interaction)
+        settings = dict(session.settings)
+        if clear:
+            for key in ("note", "note_depth", "note_role"):
+                settings.pop(key, None)
+        else:
+            if text is not None:
+                settings["note"] = text.strip()
+            if depth is not None:
+                settings["note_depth"] = depth
+            if role is not None:
+                settings["note_role"] = role
+        if settings != session.settings:
+            await self.bot.repo.update_session_settings(session.id, settings)
+        current = settings.get("note", "")
+        if not current:
+            answer = "This channel has no author's note." if not clear else "Author's note removed."
+        else:
+            answer = (f"Author's note (depth {settings.get('note_depth', 4)}, {settings.get('note_role', 'system')}):"
+                      f"\n{discord.utils.escape_markdown(current)}")
+        await interaction.response.send_message(answer, ephemeral=True)
 
     @app_commands.command(name="stop", description="Pause roleplay here (history is kept)")
     async def stop(self, interaction: discord.Interaction) -> None:

@@ -46,7 +46,7 @@ class Status(commands.Cog):
             here = "no roleplay session"
         else:
             state = "active" if session.active else "paused"
-            persona = f'"{session.persona_name}"' if session.persona_name else "no persona"
+            persona = f'"{session.persona_name}"' if session.persona_name else "no character"
             turns = await self.bot.repo.count_turns(session.id)
             here = f"{state} session with {persona}, {turns} turns"
         lines = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from bot.inference.local.demo_model import ensure_demo_model
 from persistence import Database, Repository
 from tests.model_files import ensure_spm_vocab
+from tests.simcord_webhooks import discord_webhooks
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,11 @@ async def db(db_url: str) -> AsyncIterator[Database]:
 def repo(db: Database) -> Repository:
     """A repository on the fresh database."""
     return Repository(db)
+
+
+@pytest.fixture(autouse=True)
+def _discord_webhooks() -> Iterator[None]:
+    """Every SimCord test sees Discord's webhook behaviour that SimCord lacks (see tests/simcord_webhooks.py):
+    characters speak through webhooks in every Discord test."""
+    with discord_webhooks():
+        yield

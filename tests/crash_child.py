@@ -31,6 +31,7 @@ from bot.discord_front.client import TavernBot
 from bot.discord_front.keys import channel_key
 from tests.discord_fixtures import close_signal
 from tests.fake_backend import FakeBackend, fake_engine
+from tests.simcord_webhooks import discord_webhooks
 
 STORY = (
     "The old road winds north past the mill, where the river bends twice before the bridge. "
@@ -84,17 +85,20 @@ async def _first_reply_message(env: simcord.Env, bot: TavernBot, world: World) -
 async def start_in_simcord(bot: TavernBot, _token: str) -> None:
     """Stands in for `TavernBot.start`: connect to SimCord instead of Discord and play the scene."""
     closed = close_signal(bot)
-    async with simcord.run(placeholder_bot(), settle_timeout=60) as env:
-        world = build_world(env)
-        emit("world", **world.ids())
-        await env.restart_bot(bot)
-        persona = await bot.repo.create_persona(world.guild.id, "Mira", "Mira is a well-travelled ranger.")
-        await bot.repo.start_session(channel_key(world.channel.id), guild_id=world.guild.id, persona_id=persona.id)
-        # Not settled: the bot answers in the background while this process waits to be signalled.
-        said = env.backend.create_message(world.channel.id, world.alice.id, SAID)
-        emit("generating", said=said.id, reply=await _first_reply_message(env, bot, world))
-        await closed.wait()  # SIGTERM: `serve` shuts the bot down gracefully
-        emit("closed", shown=[m.content for m in world.channel.history() if m.author.bot])
+    with discord_webhooks():
+        async with simcord.run(placeholder_bot(), settle_timeout=60) as env:
+            world = build_world(env)
+            emit("world", **world.ids())
+            await env.restart_bot(bot)
+            persona = await bot.repo.create_persona(world.guild.id, "Mira", "Mira is a well-travelled ranger.")
+            await bot.repo.start_session(channel_key(world.channel.id), guild_id=world.guild.id, persona_id=persona.id)
+            # Not settled: the bot answers in the background while this process waits to be signalled.
+            said = env.backend.create_message(world.channel.id, world.alice.id, SAID)
+            emit("generating", said=said.id, reply=await _first_reply_message(env, bot, world))
+            await closed.wait()  # SIGTERM: `serve` shuts the bot down gracefully
+            emit("closed", shown=[m.content for m in world.channel.history() if m.author.bot])
+
+
 
 
 def main(argv: list[str]) -> int:

@@ -135,7 +135,7 @@ async def start_session(
     channel = channel or tavern.channel
     if await t.bot.repo.get_persona(tavern.guild.id, name) is None:
         await t.bot.repo.create_persona(tavern.guild.id, name, persona)
-    result = await tavern.admin.slash(channel, "session start", persona=name)
+    result = await tavern.admin.slash(channel, "session start", character=name)
     assert result.response is not None and "Roleplay" in result.response.content, result.response
     session = await t.bot.repo.get_active_session(channel_key(channel.id))
     assert session is not None and session.active

@@ -18,7 +18,7 @@ import simcord
 from simcord.backend.models.message import MessageSticker
 
 from bot.config import Settings
-from bot.core.personas import InvalidPersona
+from bot.core.characters import InvalidPersona
 from bot.core.sessions import conversation_for
 from bot.discord_front.keys import channel_key
 from bot.errors import PersonaTooLarge
@@ -343,7 +343,7 @@ async def test_personas_outside_their_limits_are_refused_and_nothing_is_stored(d
         tavern = tavern_guild(t.env)
 
         async def create(name: str, text: str) -> simcord.InteractionResult:
-            shown = await tavern.admin.slash(tavern.channel, "persona create")
+            shown = await tavern.admin.slash(tavern.channel, "character create")
             return await tavern.admin.submit_modal(shown, {"persona_name": name, "persona_text": text})
 
         blank_name = await create("   ", "A persona.")
@@ -360,7 +360,7 @@ async def test_personas_outside_their_limits_are_refused_and_nothing_is_stored(d
 
         # An edit that no longer fits the context keeps the old text.
         await create("Bram", "Bram is a bard.")
-        shown = await tavern.admin.slash(tavern.channel, "persona edit", name="Bram")
+        shown = await tavern.admin.slash(tavern.channel, "character edit", name="Bram")
         too_long = await tavern.admin.submit_modal(shown, {"persona_text": "A very long persona. " * 190})
         assert "at most" in too_long.response.content and "tokens" in too_long.response.content
         assert (await t.bot.repo.get_persona(tavern.guild.id, "Bram")).text == "Bram is a bard."
@@ -372,7 +372,7 @@ async def test_a_persona_larger_than_the_context_cannot_be_put_in_a_channel(db_u
         tavern = tavern_guild(t.env)
         # Stored while a larger model was configured: checked again when used.
         await t.bot.repo.create_persona(tavern.guild.id, "Epic", "An epic persona. " * 400)
-        refused = await tavern.admin.slash(tavern.channel, "session start", persona="Epic")
+        refused = await tavern.admin.slash(tavern.channel, "session start", character="Epic")
         assert refused.ephemeral
         assert refused.response.content.startswith("That persona is ")
         assert refused.response.content.endswith("Please shorten it.")

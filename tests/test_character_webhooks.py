@@ -25,12 +25,11 @@ from bot.discord_front.webhooks import (
     LIMIT_NOTICE,
     PERMISSION_TIP,
     CharacterVoices,
-    CharacterWebhook,
     WebhookPoster,
     voice_name,
 )
 from persistence.database import Database
-from persistence.records import ChannelSession, Role
+from persistence.records import ChannelSession, CharacterWebhook, Role
 from tests.discord_fixtures import bot_env, replay, start_session, stored_turns, tavern_guild
 from tests.fake_backend import FakeBackend, fake_engine
 from tests.simcord_webhooks import MAX_WEBHOOKS_PER_CHANNEL, WebhookParity, discord_webhooks

@@ -14,7 +14,7 @@ import simcord
 from discord.ext import commands
 
 import cogs
-from bot.core.personas import PersonaNameTaken
+from bot.core.characters import PersonaNameTaken
 from bot.discord_front.client import INITIAL_EXTENSIONS
 from bot.discord_front.errors import GENERIC_MESSAGE
 from bot.discord_front.keys import channel_key
@@ -50,7 +50,7 @@ async def tavern_bot(db_url: str) -> AsyncIterator[SimpleNamespace]:
 
 
 async def create_persona(t, name: str = "Bram", text: str = PERSONA) -> simcord.InteractionResult:
-    shown = await t.admin.slash(t.channel, "persona create")
+    shown = await t.admin.slash(t.channel, "character create")
     assert shown.modal is not None
     return await t.admin.submit_modal(shown, {"persona_name": name, "persona_text": text})
 
@@ -75,11 +75,11 @@ async def test_admin_creates_persona_in_a_modal_and_members_list_and_show_it(db_
         stored = await t.bot.repo.get_persona(t.guild.id, "Bram")
         assert stored is not None and stored.text == PERSONA and stored.created_by == t.admin.id
 
-        listed = await t.player.slash(t.channel, "persona list")
+        listed = await t.player.slash(t.channel, "character list")
         assert listed.ephemeral
         assert "**Bram**: Bram is a travelling bard. He speaks in rhyme" in listed.response.content
 
-        shown = await t.player.slash(t.channel, "persona show", name="Bram")
+        shown = await t.player.slash(t.channel, "character show", name="Bram")
         assert shown.ephemeral
         [embed] = shown.response.embeds
         assert embed.title == "Bram" and embed.description == PERSONA
@@ -91,7 +91,7 @@ async def test_admin_creates_persona_in_a_modal_and_members_list_and_show_it(db_
 async def test_edit_prefills_the_text_and_saves_the_new_one(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        shown = await t.admin.slash(t.channel, "persona edit", name="Bram")
+        shown = await t.admin.slash(t.channel, "character edit", name="Bram")
         assert shown.modal["title"] == "Edit Bram"
         [text_input] = [c for row in shown.modal["components"] for c in row["components"]]
         assert text_input["custom_id"] == "persona_text" and text_input["value"] == PERSONA
@@ -109,7 +109,7 @@ async def test_duplicate_and_unknown_names_get_friendly_answers(db_url):
         assert (await t.bot.repo.get_persona(t.guild.id, "Bram")).text == PERSONA
         simcord.assert_error(t.env, PersonaNameTaken)  # SimCord records errors of modals, handled or not
 
-        for command in ("persona show", "persona edit", "persona delete", "persona use"):
+        for command in ("character show", "character edit", "character delete", "character use"):
             missing = await t.admin.slash(t.channel, command, name="Nobody")
             assert missing.ephemeral and missing.modal is None
             assert missing.response.content == 'There is no persona called "Nobody" here; /persona list shows them.'
@@ -118,10 +118,10 @@ async def test_duplicate_and_unknown_names_get_friendly_answers(db_url):
 async def test_delete_removes_the_persona(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        done = await t.admin.slash(t.channel, "persona delete", name="Bram")
+        done = await t.admin.slash(t.channel, "character delete", name="Bram")
         assert done.ephemeral and done.response.content.startswith('Deleted the persona "Bram".')
         assert await t.bot.repo.list_personas(t.guild.id) == []
-        empty = await t.player.slash(t.channel, "persona list")
+        empty = await t.player.slash(t.channel, "character list")
         assert empty.response.content.startswith("No personas yet.")
 
 
@@ -148,13 +148,13 @@ async def test_start_uses_an_autocompleted_persona(db_url):
         choices = await t.admin.autocomplete(t.channel, "session start", "persona", "br")
         assert choices == [{"name": "Bram", "value": "Bram"}]
 
-        started = await t.admin.slash(t.channel, "session start", persona="Bram")
+        started = await t.admin.slash(t.channel, "session start", character="Bram")
         assert started.ephemeral
         assert started.response.content == 'Roleplay started in this channel with the persona "Bram".'
         session = await session_of(t)
         assert session.active and session.persona_name == "Bram" and session.guild_id == t.guild.id
 
-        switched = await t.admin.slash(t.channel, "persona use", name="Ysolde")
+        switched = await t.admin.slash(t.channel, "character use", name="Ysolde")
         assert switched.response.content == (
             'Roleplay resumed in this channel with the persona "Ysolde" (0 turns of history).'
         )
@@ -175,7 +175,7 @@ async def test_start_without_persona_explains_what_to_do(db_url):
 async def test_stop_pauses_and_start_resumes_with_the_same_persona(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         await t.player.send(t.channel, "Hello, bard!")
         assert t.channel.last_message.content == "You said: Alice: Hello, bard!"
 
@@ -200,7 +200,7 @@ async def test_stop_pauses_and_start_resumes_with_the_same_persona(db_url):
 async def test_stop_cancels_the_reply_being_written(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         session = await session_of(t)
         t.model.reply, t.model.token_delay = "la " * 200, 0.01  # about 6 s unless stopped
         await t.bot.service.add_user_turn(session, SimpleNamespace(id=t.player.id, name="player"), "Sing!")
@@ -236,7 +236,7 @@ async def test_commands_needing_a_session_say_so(db_url):
 async def test_settings_are_validated_stored_and_shown(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
 
         shown = await t.admin.slash(t.channel, "session settings")
         assert shown.ephemeral
@@ -267,7 +267,7 @@ async def test_settings_are_validated_stored_and_shown(db_url):
 async def test_reset_asks_first_then_archives_the_history(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         old = await session_of(t)
         await t.player.send(t.channel, "Hello there")
 
@@ -298,7 +298,7 @@ async def test_reset_asks_first_then_archives_the_history(db_url):
 async def test_unanswered_reset_question_expires_without_changes(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         old = await session_of(t)
         await t.admin.slash(t.channel, "session reset")
         await t.env.advance_time(RESET_TIMEOUT + 1)
@@ -315,17 +315,17 @@ ADMIN_COMMANDS = [
     ("session stop", {}),
     ("session reset", {}),
     ("session settings", {"temperature": 1.0}),
-    ("persona create", {}),
-    ("persona edit", {"name": "Bram"}),
-    ("persona delete", {"name": "Bram"}),
-    ("persona use", {"name": "Bram"}),
+    ("character create", {}),
+    ("character edit", {"name": "Bram"}),
+    ("character delete", {"name": "Bram"}),
+    ("character use", {"name": "Bram"}),
 ]
 
 
 async def test_non_admin_is_refused_every_admin_command_server_side(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         assert "session start" not in t.player.available_commands(t.channel)  # hidden by default_permissions
         [session_command] = [c for c in await t.bot.tree.fetch_commands() if c.name == "session"]
         t.guild.set_command_permissions(session_command.id, {t.player: True})  # ...but a server may show it
@@ -343,10 +343,10 @@ async def test_non_admin_is_refused_every_admin_command_server_side(db_url):
 async def test_reset_button_and_modal_check_the_clicker_again(db_url):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         old = await session_of(t)
         asked = await t.admin.slash(t.channel, "session reset")
-        opened = await t.admin.slash(t.channel, "persona create")
+        opened = await t.admin.slash(t.channel, "character create")
         revoke_roles(t, t.admin)  # loses Manage Server between asking and answering
         await t.env.settle()
 
@@ -366,7 +366,7 @@ async def test_server_commands_are_absent_in_dms(db_url):
         assert "status" in available
         assert not any(name.startswith(("session", "persona")) for name in available)
         with pytest.raises(simcord.SetupError):
-            await user.slash("persona list")
+            await user.slash("character list")
         status = await user.slash("status")
         assert "**This channel:** no roleplay session" in status.response.content
 
@@ -396,7 +396,7 @@ async def test_status_shows_the_figures(db_url):
         assert "**This channel:** no roleplay session" in before.response.content
 
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         await t.player.send(t.channel, "Hi")
         t.bot.started_at = discord.utils.utcnow()  # the bot was built outside SimCord's virtual clock
         await t.env.advance_time(3725)
@@ -416,7 +416,7 @@ async def test_unexpected_error_is_logged_with_context_and_the_user_gets_an_apol
 
         monkeypatch.setattr(t.bot.repo, "list_personas", broken)
         with caplog.at_level(logging.ERROR, logger="bot.discord_front.errors"):
-            result = await t.player.slash(t.channel, "persona list")
+            result = await t.player.slash(t.channel, "character list")
         assert result.ephemeral and result.response.content == GENERIC_MESSAGE
         [record] = [r for r in caplog.records if r.name == "bot.discord_front.errors"]
         assert "/persona list" in record.getMessage()
@@ -429,7 +429,7 @@ async def test_unexpected_error_is_logged_with_context_and_the_user_gets_an_apol
 async def test_unexpected_error_in_a_button_is_logged_too(db_url, caplog, monkeypatch):
     async with tavern_bot(db_url) as t:
         await create_persona(t)
-        await t.admin.slash(t.channel, "session start", persona="Bram")
+        await t.admin.slash(t.channel, "session start", character="Bram")
         asked = await t.admin.slash(t.channel, "session reset")
 
         async def broken(session_id):
@@ -472,6 +472,6 @@ async def test_every_cog_loads_and_app_command_names_are_unique():
         bare = commands.Bot(command_prefix="!", intents=discord.Intents.none())  # one per module: no clashes yet
         await bare.load_extension(module_name)
         names.extend(command.qualified_name for command in bare.tree.walk_commands())
-    assert {"session reset", "persona create", "status"} <= set(names)
+    assert {"session reset", "character create", "status"} <= set(names)
     assert sorted({name for name in names if names.count(name) > 1}) == []
     assert set(INITIAL_EXTENSIONS) == set(_cog_modules())  # no cog module is forgotten at start-up

@@ -23,7 +23,7 @@ async def test_deleting_a_persona_in_play_is_refused_naming_its_channels(db_url)
         await tavern.admin.slash(cellar, "session stop")  # paused still plays it
         await t.bot.repo.start_session(channel_key(lobby.id), guild_id=tavern.guild.id, persona_text="Bram.")
 
-        refused = await tavern.admin.slash(tavern.channel, "persona delete", name="Mira")
+        refused = await tavern.admin.slash(tavern.channel, "character delete", name="Mira")
         assert refused.ephemeral
         assert refused.response.content == (
             f'"Mira" is the persona of <#{tavern.channel.id}>, <#{cellar.id}>; give those channels another one '
@@ -36,7 +36,7 @@ async def test_deleting_a_persona_in_play_is_refused_naming_its_channels(db_url)
         # Once no channel plays it, it goes.
         for channel in (tavern.channel, cellar):
             await t.bot.repo.start_session(channel_key(channel.id), persona_text="Someone else.")
-        done = await tavern.admin.slash(tavern.channel, "persona delete", name="Mira")
+        done = await tavern.admin.slash(tavern.channel, "character delete", name="Mira")
         assert done.response.content == 'Deleted the persona "Mira".'
         assert await t.bot.repo.get_persona(tavern.guild.id, "Mira") is None
 

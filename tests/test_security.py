@@ -67,12 +67,12 @@ ADMIN_COMMANDS = {
     "session reset": {},
     "session settings": {"temperature": 1.5, "use_defaults": True},
     "session export": {},
-    "persona create": {},
-    "persona edit": {"name": "Bram"},
-    "persona delete": {"name": "Bram"},
-    "persona use": {"name": "Bram"},
+    "character create": {},
+    "character edit": {"name": "Bram"},
+    "character delete": {"name": "Bram"},
+    "character use": {"name": "Bram"},
 }
-PUBLIC_COMMANDS = {"persona list", "persona show", "status", "privacy export", "privacy forget"}
+PUBLIC_COMMANDS = {"character list", "character show", "status", "privacy export", "privacy forget"}
 
 
 async def test_every_command_is_either_admin_only_or_meant_for_everyone(db_url):
@@ -110,8 +110,8 @@ async def test_buttons_and_forms_of_admin_actions_check_the_member_again(db_url)
         await tavern.alice.send(tavern.channel, "Hello.")
         # Opened while an admin; answered after losing Manage Server.
         reset_questions = [await tavern.admin.slash(tavern.channel, "session reset") for _ in range(2)]
-        create_form = await tavern.admin.slash(tavern.channel, "persona create")
-        edit_form = await tavern.admin.slash(tavern.channel, "persona edit", name="Bram")
+        create_form = await tavern.admin.slash(tavern.channel, "character create")
+        edit_form = await tavern.admin.slash(tavern.channel, "character edit", name="Bram")
         revoke_roles(t, tavern.admin)
         await t.env.settle()
         before = await snapshot(t)

@@ -198,6 +198,7 @@ class LoreInsert:
     depth: int
     role: Role
     order: int
+    constant: bool = False  # always on: placing it in the prompt's head costs the cache nothing
 
 
 # --------------------------------------------------------------------------- reading
@@ -898,7 +899,8 @@ def activate(
             timers._set(candidate.key, candidate.entry, length)
     ordered = sorted(activated, key=lambda c: -c.entry.order)
     ordered.reverse()
-    return [LoreInsert(c.text, c.entry.position, c.entry.depth, c.entry.role, c.entry.order) for c in ordered if c.text]
+    return [LoreInsert(c.text, c.entry.position, c.entry.depth, c.entry.role, c.entry.order, c.entry.constant)
+            for c in ordered if c.text]
 
 
 @dataclass

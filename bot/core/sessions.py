@@ -5,22 +5,26 @@ This is the one path both front ends use: the terminal chat and the Discord cogs
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.config import Settings
+from bot.core import cards, lore
+from bot.core.scene import Character, HistoryTurn, Note, Scene, compose
 from bot.errors import PersonaMissing, PersonaTooLarge
 from bot.inference.api import Chunk, Finished, GenerationRequest, GenerationStats, Sampling, Started, Text
 from bot.inference.engine import Engine, Generation
+from bot.prompt import macros, story
 from bot.prompt.builder import (
     Conversation,
     MessageTooLarge,
     Prompt,
     PromptTooLarge,
-    PromptTurn,
     Tokenizer,
     build_prompt,
     count_tokens,
@@ -29,7 +33,7 @@ from bot.prompt.builder import (
     system_budget,
 )
 from bot.prompt.stops import clean_reply, reply_stops
-from persistence.records import PROMPT_ROLES, ChannelSession, Role, Turn, TurnStatus, WindowBudget
+from persistence.records import PROMPT_ROLES, ChannelSession, Persona, Role, Turn, TurnStatus, WindowBudget
 from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -48,23 +52,35 @@ class Speaker:
     name: str
 
 
-def system_prompt(session: ChannelSession) -> str:
-    """The system block for a session: the SillyTavern Metharme preamble plus the persona."""
+def main_character(session: ChannelSession) -> Character:
+    """The session's main character: its stored card, or a card made from the plain persona text."""
     name = session.persona_name or "the character"
-    return SYSTEM_TEMPLATE.format(name=name, persona=session.persona_text.strip())
+    card = cards.from_stored(session.persona_card, None) if session.persona_card else None
+    return Character(session.persona_id, name, card or cards.card_from_text(name, session.persona_text))
 
 
-def conversation_for(session: ChannelSession, turns: list[Turn], *, continue_last: bool = False) -> Conversation:
-    """Turn stored turns into the prompt builder's conversation."""
-    prompt_turns = tuple(
-        PromptTurn(role="user", text=turn.content, speaker=turn.author_name or "User")
-        if turn.role is Role.USER
-        else PromptTurn(role="model", text=turn.content)
-        for turn in turns
-        if turn.role in PROMPT_ROLES and turn.content
-    )
-    return Conversation(system=system_prompt(session), turns=prompt_turns, continue_last=continue_last,
-                        character=session.persona_name or "")
+def character_of(persona: Persona) -> Character:
+    """A stored character (persona) as the scene uses it."""
+    card = cards.from_stored(persona.card, None) if persona.card else cards.card_from_text(persona.name, persona.text)
+    return Character(persona.id, persona.name, card, persona.avatar_sha)
+
+
+def history_of(turns: Sequence[Turn], main: str) -> list[HistoryTurn]:
+    """Stored turns as the scene reads them; a model turn without a name is the main character's."""
+    return [
+        HistoryTurn("user", t.content, t.author_name or "User") if t.role is Role.USER
+        else HistoryTurn("model", t.content, t.author_name or main)
+        for t in turns
+        if t.role in PROMPT_ROLES and t.content
+    ]
+
+
+def conversation_for(session: ChannelSession, turns: Sequence[Turn], *, continue_last: bool = False) -> Conversation:
+    """The main character's conversation over `turns` alone (no lore, note or member persona)."""
+    main = main_character(session)
+    answered = next((t.author_name for t in reversed(turns) if t.role is Role.USER and t.author_name), "User")
+    return compose(Scene(speaker=main, cast=(main,), user=answered), history_of(turns, main.name),
+                   count_tokens=len, continue_last=continue_last)
 
 
 def generation_request(
@@ -76,6 +92,7 @@ def generation_request(
     max_new_tokens: int,
     sampling: Sampling | None = None,
     speakers: Sequence[str] = (),
+    characters: Sequence[str] = (),
     timeout: float | None = None,
 ) -> tuple[GenerationRequest, Prompt]:
     """Build the Metharme prompt for `conversation` and the engine request that carries it.
@@ -92,7 +109,7 @@ def generation_request(
         head=prompt.system_tokens,
         cuts=prompt.cuts,
         sampling=sampling or Sampling(),
-        stops=tuple(reply_stops(speakers)),
+        stops=tuple(reply_stops(speakers, characters=characters)),
         timeout=timeout,
     )
     return request, prompt
@@ -128,9 +145,17 @@ class ReplyStream:
         prefix: str = "",
         continues: Turn | None = None,
         into: Turn | None = None,
+        character: Character | None = None,
+        swipe: bool = False,
+        others: Sequence[str] = (),
     ) -> None:
         self._service = service
         self.session = session
+        # Who speaks: the model turn is stored under this character's name and id.
+        self.character = character or main_character(session)
+        # A regeneration: `save()` keeps the replaced text as an earlier swipe of the same turn.
+        self.swipe = swipe
+        self.others = tuple(others)  # the other characters present: a line of theirs ends the reply
         self.request = request
         self.prompt = prompt
         self.conversation = conversation  # what the prompt was built from
@@ -172,8 +197,9 @@ class ReplyStream:
     def text(self) -> str:
         """The reply so far (whole reply for a continuation), cut at stops and trimmed."""
         # A continuation does not start a reply, so it has no echoed name to remove.
-        echo = "" if self.continues else self.session.persona_name or ""
-        return clean_reply(self.prefix + self.raw, self.speakers, echo, partial=self.stats is None)
+        echo = "" if self.continues else self.character.name
+        return clean_reply(self.prefix + self.raw, self.speakers, echo, partial=self.stats is None,
+                           characters=self.others)
 
     @property
     def interrupted(self) -> bool:
@@ -199,7 +225,11 @@ class ReplyStream:
             if not text and self.into is not None:
                 await repo.delete_turn(target.id)
                 return None
-            turn = await repo.edit_turn(target.id, text, status=status)
+            if self.swipe and self.continues is None:
+                turn = await repo.add_swipe(target.id, text)
+                turn = await repo.edit_turn(target.id, text, status=status)
+            else:
+                turn = await repo.edit_turn(target.id, text, status=status)
             new_ids = tuple(m for m in message_ids if turn is not None and m not in turn.message_ids)
             if turn is not None and new_ids:
                 turn = await repo.add_turn_messages(turn.id, new_ids)
@@ -207,7 +237,8 @@ class ReplyStream:
         if not text:
             return None
         return await repo.append_turn(
-            self.session.id, Role.MODEL, text, author_name="", message_ids=message_ids, status=status
+            self.session.id, Role.MODEL, text, author_name=self.character.stored_name, message_ids=message_ids,
+            status=status, character_id=self.character.id,
         )
 
 
@@ -220,6 +251,7 @@ class ChatService:
         self.settings = settings
         self._chars_per_token: int | None = None  # see `longest_token_chars`
         self._regenerations: dict[int, int] = {}  # turn id -> regenerations since start
+        self._book_cache: dict[tuple[int, Any], lore.Lorebook] = {}  # (lorebook id, updated_at) -> parsed
 
     @property
     def window_turns(self) -> int:
@@ -263,6 +295,26 @@ class ChatService:
             raise PersonaTooLarge(tokens, allowed)
         return tokens
 
+    async def check_card(self, character: Character) -> int:
+        """Return the tokens of a character's card as the prompt's head holds it (story string, no lore,
+        no examples: those are dropped when space runs short); PersonaTooLarge if it leaves no room."""
+        card = character.card
+        text = story.story_string(
+            system_prompt=card.system_prompt, description=card.description, personality=card.personality,
+            scenario=card.scenario, lore_before="", lore_after="", user_persona="", char=character.name, user="User",
+        )
+        max_new = self.settings.model.max_new_tokens
+        reserve = self.conversation_reserve
+
+        def measure(tokenizer: Tokenizer) -> tuple[int, int]:
+            allowed = system_budget(tokenizer, n_ctx=self.engine.n_ctx, max_new_tokens=max_new, reserve=reserve)
+            return count_tokens(tokenizer, text), allowed
+
+        tokens, allowed = await self.engine.with_tokenizer(measure)
+        if tokens > allowed:
+            raise PersonaTooLarge(tokens, allowed)
+        return tokens
+
     def sampling_for(self, session: ChannelSession) -> Sampling:
         """Config defaults with the channel's overrides applied."""
         values: dict[str, Any] = self.settings.sampling.model_dump()
@@ -283,19 +335,82 @@ class ChatService:
             session.id, Role.USER, text, author_id=speaker.id, author_name=speaker.name, message_ids=ids
         )
 
-    async def reply(self, session: ChannelSession, *, reserve: bool = False) -> ReplyStream:
+    # --- the scene ---------------------------------------------------------------------------------
+
+    async def cast(self, session: ChannelSession) -> tuple[Character, ...]:
+        """Every character of the channel, the main one first."""
+        others = await self.repo.channel_characters(session.id) if session.persona_id is not None else []
+        return (main_character(session), *(character_of(p) for p in others if p.id != session.persona_id))
+
+    async def _books(self, session: ChannelSession) -> tuple[lore.Lorebook, ...]:
+        """The lorebooks attached to the channel, parsed off the event loop (cached by update time)."""
+        books = []
+        for record in await self.repo.channel_lorebooks(session.channel_key):
+            key = (record.id, record.updated_at)
+            book = self._book_cache.get(key)
+            if book is None:
+                try:
+                    book = await asyncio.to_thread(lore.read_world, record.data.encode(), name=record.name)
+                except lore.LoreError:
+                    log.warning("lorebook %s (%s) no longer reads; left out", record.id, record.name)
+                    continue
+                self._book_cache[key] = book
+            books.append(book)
+        return tuple(books)
+
+    async def scene(self, session: ChannelSession, speaker: Character | None, turns: Sequence[Turn]) -> Scene:
+        """The scene for `speaker`'s reply (None: the main character) after `turns`."""
+        cast = await self.cast(session)
+        if speaker is None:
+            speaker = cast[0]
+        answered = next((t for t in reversed(turns) if t.role is Role.USER), None)
+        user = answered.author_name if answered is not None and answered.author_name else "User"
+        persona = ""
+        if answered is not None and answered.author_id is not None:
+            persona = await self.repo.get_user_persona(session.guild_id or 0, answered.author_id) or ""
+        chars = self.settings.characters
+        settings = session.settings
+        return Scene(
+            speaker=speaker,
+            cast=cast,
+            user=user,
+            user_persona=persona,
+            books=await self._books(session),
+            note=Note(str(settings.get("note", "")), int(settings.get("note_depth", 4)),
+                      settings.get("note_role", "system")),
+            cards_in_prompt=chars.cards_in_prompt,
+            prefill_name=chars.prefill_name,
+            lore_budget=int(self.engine.n_ctx * chars.lore_budget),
+            lore_scan_depth=chars.lore_scan_depth,
+            lore_in_head=chars.lore_in_head,
+            lore_depth=chars.lore_depth,
+        )
+
+    def speaker_of(self, cast: Sequence[Character], turn: Turn) -> Character:
+        """The character who wrote a model turn (the main one when it is gone or unknown)."""
+        return next((c for c in cast if turn.character_id is not None and c.id == turn.character_id), cast[0])
+
+    # --- replies -------------------------------------------------------------------------------------
+
+    async def reply(
+        self, session: ChannelSession, *, reserve: bool = False, speaker: Character | None = None
+    ) -> ReplyStream:
         """Start a reply to the session's stored history (queued fairly with other channels).
 
-        With `reserve`, the reply's model turn is stored right after the history is read (empty,
-        pending) and `save()` fills it in, so messages stored while the reply is being written
-        come after it, as they do in a channel.
+        `speaker` is the character who answers (default: the main one). With `reserve`, the reply's
+        model turn is stored right after the history is read (empty, pending) and `save()` fills it
+        in, so messages stored while the reply is being written come after it, as they do in a channel.
         """
         turns = await self._window(session)
+        scene = await self.scene(session, speaker, turns)
         if not reserve:
-            return await self._stream(session, turns, continue_last=False)
-        reserved = await self.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING)
+            return await self._stream(session, turns, scene, continue_last=False)
+        reserved = await self.repo.append_turn(
+            session.id, Role.MODEL, "", status=TurnStatus.PENDING, author_name=scene.speaker.stored_name,
+            character_id=scene.speaker.id,
+        )
         try:
-            return await self._stream(session, turns, continue_last=False, into=reserved)
+            return await self._stream(session, turns, scene, continue_last=False, into=reserved)
         except Exception:
             await self.repo.delete_turn(reserved.id)  # the engine refused it (queue full, closing)
             raise
@@ -303,10 +418,12 @@ class ChatService:
     async def continue_reply(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Extend the model turn `turn` (the latest one) with more text."""
         turns = await self._window(session)
-        return await self._stream(session, turns, continue_last=True, continues=turn)
+        cast = await self.cast(session)
+        scene = await self.scene(session, self.speaker_of(cast, turn), turns)
+        return await self._stream(session, turns, scene, continue_last=True, continues=turn)
 
     async def regenerate(self, session: ChannelSession, turn: Turn) -> ReplyStream:
-        """Start a new reply in place of the model turn `turn`; `save()` overwrites `turn` where it stands."""
+        """Start a new reply in place of the model turn `turn`; `save()` keeps the old text as a swipe."""
         # Not `_window`: its bound counts `turn`, which the new reply replaces, and could leave out an
         # older turn that fits without it.
         turns = await self.repo.recent_turns(session.id, self.window_turns)
@@ -316,40 +433,72 @@ class ChatService:
             attempt = self._regenerations.get(turn.id, 0) + 1
             self._regenerations[turn.id] = attempt
             sampling = replace(sampling, seed=regeneration_seed(sampling.seed, turn, attempt))
-        return await self._stream(session, kept, continue_last=False, into=turn, sampling=sampling)
+        cast = await self.cast(session)
+        scene = await self.scene(session, self.speaker_of(cast, turn), kept)
+        return await self._stream(session, kept, scene, continue_last=False, into=turn, sampling=sampling,
+                                  swipe=True)
 
     async def _stream(
         self,
         session: ChannelSession,
         turns: list[Turn],
+        scene: Scene,
         *,
         continue_last: bool,
         continues: Turn | None = None,
         into: Turn | None = None,
         sampling: Sampling | None = None,
+        swipe: bool = False,
     ) -> ReplyStream:
-        if not session.persona_text.strip():
+        speaker = scene.speaker
+        if speaker.id is None and not session.persona_text.strip() and not session.persona_card:
             raise PersonaMissing()
-        character = session.persona_name or ""
-        # As the prompt shows them, so the stops name no member by the character's own name.
+        # As the prompt shows them, so the stops name no member by a character's own name; the other
+        # characters stop a reply too (it must not speak for them).
+        names = tuple(c.name for c in scene.cast)
         speakers = tuple(dict.fromkeys(
-            speaker_label(t.author_name, character) for t in turns if t.role is Role.USER and t.author_name))
-        conversation = conversation_for(session, turns, continue_last=continue_last)
+            speaker_label(t.author_name, names) for t in turns if t.role is Role.USER and t.author_name))
+        others = tuple(name for name in names if name != speaker.name)
+        history = history_of(turns, scene.cast[0].name)
+        # Examples stay in the prompt only while the whole history fits beside them (a stable head).
+        truncated = await self.repo.count_turns(session.id) > len(turns) + (1 if swipe else 0)
         max_new = self.max_new_tokens_for(session)
         chosen = sampling or self.sampling_for(session)
+        rng = random.Random(chosen.seed) if chosen.seed is not None else random.Random()
 
-        def build(tokenizer: Tokenizer) -> tuple[GenerationRequest, Prompt]:
-            return generation_request(
+        def build(tokenizer: Tokenizer) -> tuple[Conversation, GenerationRequest, Prompt]:
+            conversation = compose(scene, history, count_tokens=lambda text: count_tokens(tokenizer, text),
+                                   continue_last=continue_last, rng=rng, history_truncated=truncated)
+            request, prompt = generation_request(
                 tokenizer, conversation, key=session.channel_key, n_ctx=self.engine.n_ctx, max_new_tokens=max_new,
-                sampling=chosen, speakers=speakers, timeout=self.settings.engine.timeout_seconds,
+                sampling=chosen, speakers=speakers, characters=others, timeout=self.settings.engine.timeout_seconds,
             )
+            return conversation, request, prompt
 
         prefix = continues.content if continues else ""
+        common = dict(speakers=speakers, prefix=prefix, continues=continues, into=into, character=speaker,
+                      swipe=swipe, others=others)
         try:
-            request, prompt = await self.engine.with_tokenizer(build)
+            conversation, request, prompt = await self.engine.with_tokenizer(build)
         except (PromptTooLarge, MessageTooLarge) as exc:
             # Raised where the stream is read, as every other reason a reply cannot be written.
-            return ReplyStream(self, session, None, None, conversation=conversation, speakers=speakers,
-                               failure=exc, prefix=prefix, continues=continues, into=into)
-        return ReplyStream(self, session, request, prompt, conversation=conversation, speakers=speakers,
-                           prefix=prefix, continues=continues, into=into)
+            empty = Conversation(system="", turns=())
+            return ReplyStream(self, session, None, None, conversation=empty, failure=exc, **common)
+        return ReplyStream(self, session, request, prompt, conversation=conversation, **common)
+
+    # --- greetings -----------------------------------------------------------------------------------
+
+    async def greet(self, session: ChannelSession, user: str) -> Turn | None:
+        """Store the main character's greeting (`first_mes`, alternate greetings as swipes) as the session's
+        first model turn; None when the card has none or the session already has turns."""
+        character = main_character(session)
+        card = character.card
+        greetings = [g for g in (card.first_mes, *card.alternate_greetings) if g.strip()]
+        if not greetings or await self.repo.count_turns(session.id):
+            return None
+        texts = [macros.expand(g, char=character.name, user=user).strip() for g in greetings]
+        turn = await self.repo.append_turn(session.id, Role.MODEL, texts[0], author_name=character.stored_name,
+                                           character_id=character.id)
+        if len(texts) > 1:
+            turn = await self.repo.set_swipes(turn.id, texts, 0)
+        return turn

@@ -7,16 +7,26 @@ from typing import TYPE_CHECKING
 import discord
 from discord import app_commands
 
-from bot.core import personas
+from bot.core import characters
 
 if TYPE_CHECKING:
     from bot.discord_front.client import TavernBot
 
 
 async def persona_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    """Autocomplete persona names of the interaction's server."""
+    """Autocomplete character names of the interaction's server."""
     if interaction.guild_id is None:
         return []
     bot: TavernBot = interaction.client  # type: ignore[assignment]
-    names = await personas.matching_names(bot.repo, interaction.guild_id, current)
+    names = await characters.matching_names(bot.repo, interaction.guild_id, current)
     return [app_commands.Choice(name=name, value=name) for name in names]
+
+
+async def lorebook_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """Autocomplete lorebook names of the interaction's server."""
+    if interaction.guild_id is None:
+        return []
+    bot: TavernBot = interaction.client  # type: ignore[assignment]
+    needle = current.casefold().strip()
+    names = [b.name for b in await bot.repo.list_lorebooks(interaction.guild_id) if needle in b.name.casefold()]
+    return [app_commands.Choice(name=name, value=name) for name in names[: characters.CHOICES_MAX]]

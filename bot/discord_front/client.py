@@ -21,6 +21,7 @@ from bot.discord_front.errors import install_error_handler
 from bot.discord_front.intake import Intake
 from bot.discord_front.recovery import Recovery
 from bot.discord_front.replies import ChannelReplies, ReplyButtons
+from bot.discord_front.webhooks import CharacterVoices, RepositoryWebhooks
 from bot.inference.engine import Engine
 from persistence.database import Database
 from persistence.repository import Repository
@@ -28,7 +29,9 @@ from persistence.repository import Repository
 log = logging.getLogger(__name__)
 
 # Loaded in this order by `setup_hook`; a module that fails to load is logged and skipped.
-INITIAL_EXTENSIONS = ["cogs.roleplay", "cogs.sessions", "cogs.personas", "cogs.status", "cogs.privacy"]
+INITIAL_EXTENSIONS = [
+    "cogs.roleplay", "cogs.sessions", "cogs.characters", "cogs.lore", "cogs.members", "cogs.status", "cogs.privacy",
+]
 
 # Meta key (per application) of the hash of the last globally synced command tree.
 COMMAND_HASH_KEY = "discord.command_tree_sha256.{application_id}"
@@ -87,6 +90,10 @@ class TavernBot(commands.Bot):
         self.cooldown = MessageCooldown(settings.discord.cooldown_messages, settings.discord.cooldown_seconds)
         # Which messages roleplay takes, live and when catching up.
         self.intake = Intake(self, settings.discord)
+        # Characters speak through channel webhooks under their own name and avatar.
+        self.voices = CharacterVoices(self, RepositoryWebhooks(self.repo), self.repo.get_avatar,
+                                      self.intake.own_webhook_ids)
+        self.replies.voices = self.voices
         # Answers what a crash or an outage left unanswered (see `cogs.roleplay.Roleplay.on_ready`).
         self.recovery = Recovery(self.service, self.replies, self.intake, settings.discord)
         self.started_at = discord.utils.utcnow()
@@ -102,6 +109,10 @@ class TavernBot(commands.Bot):
             await self.recovery.scan()
         except Exception:
             log.exception("cannot check for replies cut short by the last run")
+        try:
+            await self.voices.load()  # the bot's own webhooks: their messages are never answered
+        except Exception:
+            log.exception("cannot read the character webhooks")
         for extension in INITIAL_EXTENSIONS:
             if extension in self.extensions:
                 continue
@@ -110,7 +121,8 @@ class TavernBot(commands.Bot):
             except Exception:
                 log.exception("failed to load extension %s", extension)
         # Buttons of replies posted before a restart keep working: the view answers by custom_id.
-        self.add_view(ReplyButtons(self.replies))
+        # Registered with every button a reply may carry (the swipe arrows too).
+        self.add_view(ReplyButtons(self.replies, swipe=(0, 2)))
         install_error_handler(self)
         await self.sync_commands()
 

@@ -27,6 +27,8 @@ import discord
 from discord.utils import MISSING
 
 from bot.discord_front.replies.render import BotPoster, MessageLost, Poster, ReplyChannel
+from persistence.records import CharacterWebhook
+from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +94,6 @@ class WebhookRecord(Protocol):
     def avatar_sha(self) -> str | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CharacterWebhook:
-    """The webhook of one character in one channel, and the avatar it was given."""
-
-    channel_id: int
-    persona_id: int
-    webhook_id: int
-    token: str
-    avatar_sha: str | None
-
-
 class WebhookStore(Protocol):
     """Where the (channel, character) -> webhook mappings are kept (the database in the bot)."""
 
@@ -113,6 +104,29 @@ class WebhookStore(Protocol):
     async def delete(self, webhook_id: int) -> None: ...
 
     async def ids(self) -> set[int]: ...
+
+
+class RepositoryWebhooks:
+    """The `WebhookStore` of the bot: the mappings live in the database."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+
+    async def get(self, channel_id: int, persona_id: int) -> CharacterWebhook | None:
+        """The stored webhook of a character in a channel."""
+        return await self.repo.get_character_webhook(channel_id, persona_id)
+
+    async def save(self, record: CharacterWebhook) -> None:
+        """Store (or replace) a mapping."""
+        await self.repo.save_character_webhook(record)
+
+    async def delete(self, webhook_id: int) -> None:
+        """Forget a webhook (deleted by a moderator)."""
+        await self.repo.delete_character_webhook(webhook_id)
+
+    async def ids(self) -> set[int]:
+        """Every webhook id the bot posts through."""
+        return await self.repo.character_webhook_ids()
 
 
 AvatarSource = Callable[[int], Awaitable[bytes | None]]

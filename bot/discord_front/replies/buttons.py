@@ -16,10 +16,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JobKind = Literal["reply", "regenerate", "continue"]
+JobKind = Literal["reply", "regenerate", "continue", "swipe_prev", "swipe_next", "speak", "greeting"]
 
 REGENERATE_ID = "tavernkeep:regenerate"
 CONTINUE_ID = "tavernkeep:continue"
+SWIPE_PREV_ID = "tavernkeep:swipe_prev"
+SWIPE_NEXT_ID = "tavernkeep:swipe_next"
+SWIPE_COUNT_ID = "tavernkeep:swipe_count"
 
 # Presses of Regenerate/Continue one member may make per window in one server; each costs a generation.
 PRESSES = 3
@@ -60,14 +63,37 @@ class PressCooldown:
         return retry_after, notify
 
 
-class ReplyButtons(TavernView):
-    """Regenerate and Continue under the latest reply; persistent, the message says which reply."""
+class SwipeButton(discord.ui.Button["ReplyButtons"]):
+    """◀ or ▶: show the previous or next version of the latest reply."""
 
-    def __init__(self, replies: ChannelReplies) -> None:
+    def __init__(self, kind: JobKind, *, disabled: bool) -> None:
+        label, custom_id = ("◀", SWIPE_PREV_ID) if kind == "swipe_prev" else ("▶", SWIPE_NEXT_ID)
+        super().__init__(label=label, custom_id=custom_id, style=discord.ButtonStyle.secondary, disabled=disabled,
+                         row=1)
+        self.kind = kind
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        """Hand the press to the view's press limit and the channel's queue."""
+        assert self.view is not None
+        await self.view._press(interaction, self.kind)
+
+
+class ReplyButtons(TavernView):
+    """Regenerate and Continue under the latest reply, and ◀ n/m ▶ when it has several versions (swipes);
+    persistent: the message says which reply, the store which version it shows."""
+
+    def __init__(self, replies: ChannelReplies, swipe: tuple[int, int] | None = None) -> None:
         super().__init__(timeout=None)
         self.replies = replies
+        if swipe is not None:
+            shown, count = swipe
+            self.add_item(SwipeButton("swipe_prev", disabled=shown <= 0))
+            self.add_item(discord.ui.Button(label=f"{shown + 1}/{count}", custom_id=SWIPE_COUNT_ID, disabled=True,
+                                            row=1))
+            self.add_item(SwipeButton("swipe_next", disabled=shown >= count - 1))
 
     async def _press(self, interaction: discord.Interaction, kind: JobKind) -> None:
+        """Apply the per-member press limit, then queue the press behind the channel's replies."""
         limited = self.replies.presses.check(interaction)
         if limited is None:
             await self.replies.on_button(interaction, kind)
@@ -79,12 +105,14 @@ class ReplyButtons(TavernView):
         else:
             await interaction.response.defer()  # told already: acknowledge, change nothing
 
-    @discord.ui.button(label="Regenerate", emoji="🔄", style=discord.ButtonStyle.secondary, custom_id=REGENERATE_ID)
+    @discord.ui.button(label="Regenerate", emoji="🔄", style=discord.ButtonStyle.secondary, custom_id=REGENERATE_ID,
+                       row=0)
     async def regenerate(self, interaction: discord.Interaction, _button: discord.ui.Button[ReplyButtons]) -> None:
         """Write the latest reply again."""
         await self._press(interaction, "regenerate")
 
-    @discord.ui.button(label="Continue", emoji="➡️", style=discord.ButtonStyle.secondary, custom_id=CONTINUE_ID)
+    @discord.ui.button(label="Continue", emoji="➡️", style=discord.ButtonStyle.secondary, custom_id=CONTINUE_ID,
+                       row=0)
     async def continue_(self, interaction: discord.Interaction, _button: discord.ui.Button[ReplyButtons]) -> None:
         """Make the latest reply longer."""
         await self._press(interaction, "continue")

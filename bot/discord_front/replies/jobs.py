@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
 import discord
 
+from bot.core.characters import SessionStart
+from bot.core.scene import Character, choose_speakers
 from bot.core.sessions import ChatService, ReplyStream
 from bot.discord_front.errors import send_error
 from bot.discord_front.keys import channel_key
-from bot.discord_front.replies.buttons import JobKind, PressCooldown, ReplyButtons
+from bot.discord_front.replies.buttons import SLOW_DOWN, JobKind, PressCooldown, ReplyButtons
 from bot.discord_front.replies.render import (
     BotPoster,
     MessageLost,
@@ -50,7 +53,7 @@ from bot.prompt.builder import MessageTooLarge, PromptTooLarge
 from persistence.records import ChannelSession, Role, Turn
 
 if TYPE_CHECKING:
-    from bot.discord_front.webhooks import Character, CharacterVoices
+    from bot.discord_front.webhooks import CharacterVoices
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,10 @@ class _Job:
     message_id: int | None = None
     # Event-loop time before which a reply does not read the history (see `reply_delay`).
     not_before: float = field(default=0.0)
+    # The character whose message the newest one replies to (it answers), or who is asked to speak.
+    replied_to: int | None = None
+    character: Character | None = None
+    turn_id: int | None = None  # the greeting to post
 
 
 class ChannelReplies:
@@ -124,23 +131,61 @@ class ChannelReplies:
         # Messages the bot deletes itself (queue notices, surplus parts): their delete events are not
         # a user removing a turn.
         self._own_deletes: set[int] = set()
-        # Characters speaking through webhooks: without `voices`, or for a session whose
-        # `character_of` is None, replies are posted by the bot as itself.
+        # Characters speaking through webhooks: without `voices` replies are posted by the bot as itself.
         self.voices: CharacterVoices | None = None
-        self.character_of: Callable[[ChannelSession], Awaitable[Character | None]] | None = None
+        self.rng = random.Random()  # talkativeness rolls
 
     # --- entry points -----------------------------------------------------------------------------
 
-    def request_reply(self, channel: ReplyChannel, user: discord.abc.User | None) -> None:
-        """Ask for a reply to everything stored so far (merged into a reply already waiting)."""
+    def request_reply(
+        self, channel: ReplyChannel, user: discord.abc.User | None, *, replied_to: int | None = None
+    ) -> None:
+        """Ask for a reply to everything stored so far (merged into a reply already waiting).
+
+        `replied_to` is the character whose message the newest one replies to: it then answers.
+        """
         if self.closed:
             return
         for job in self._jobs.get(channel.id, ()):
             if job.kind == "reply":
-                job.user = user
+                job.user, job.replied_to = user, replied_to
                 return
         not_before = asyncio.get_running_loop().time() + self.reply_delay if self.reply_delay > 0 else 0.0
-        self._enqueue(_Job("reply", channel, user, not_before=not_before))
+        self._enqueue(_Job("reply", channel, user, not_before=not_before, replied_to=replied_to))
+
+    async def after_start(self, channel: object, started: SessionStart) -> None:
+        """Post the greeting a session start stored, if any."""
+        if started.greeting is not None and isinstance(channel, ReplyChannel):
+            await self.post_greeting(channel, started.session, started.greeting)
+
+    async def post_greeting(self, channel: ReplyChannel, session: ChannelSession, turn_id: int) -> None:
+        """Queue the posting of a stored greeting (a character's first message) behind the channel's jobs."""
+        del session  # the job reads the session afresh when it runs
+        if not self.closed:
+            self._enqueue(_Job("greeting", channel, None, turn_id=turn_id))
+
+    async def on_speak(self, interaction: discord.Interaction, character: Character) -> None:
+        """`/character speak`: queue a reply by `character` (the press limit of the buttons applies)."""
+        channel = interaction.channel
+        refusal = EngineClosed.user_message if self.closed else None
+        if refusal is None and not isinstance(channel, ReplyChannel):
+            refusal = NOT_IN_SESSION
+        elif refusal is None:
+            in_thread = isinstance(channel, discord.Thread)
+            permissions = interaction.permissions
+            if not (permissions.send_messages_in_threads if in_thread else permissions.send_messages):
+                refusal = CANNOT_TALK
+            elif len(self._jobs.get(channel.id, ())) >= self.queue_limit:
+                refusal = CHANNEL_BUSY
+            elif (limited := self.presses.check(interaction)) is not None:
+                refusal = SLOW_DOWN.format(wait=max(1.0, limited[0]))
+        if refusal is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
+        assert isinstance(channel, ReplyChannel)
+        await interaction.response.send_message(f"{discord.utils.escape_markdown(character.name)} will speak.",
+                                                ephemeral=True)
+        self._enqueue(_Job("speak", channel, interaction.user, character=character))
 
     async def on_button(self, interaction: discord.Interaction, kind: JobKind) -> None:
         """Handle a Regenerate/Continue click: check it, acknowledge it, queue it behind the channel."""
@@ -174,10 +219,13 @@ class ChannelReplies:
             await self._target(poster, message_ids).discard()
 
     async def poster_for(self, channel: ReplyChannel, character: Character | None) -> Poster:
-        """Who posts a new reply in `channel`: the character's webhook, or the bot."""
-        if character is None or self.voices is None:
+        """Who posts a new reply in `channel`: the character's webhook, or the bot (naming a stored
+        character in bold when it cannot use a webhook there)."""
+        if character is None or character.id is None:
             return BotPoster(channel)
-        return await self.voices.poster(channel, character)
+        if self.voices is None:
+            return BotPoster(channel, character.name)
+        return await self.voices.poster(channel, character)  # type: ignore[arg-type]
 
     async def announce(self, channel: ReplyChannel, text: str) -> None:
         """Post a short notice in the channel (a missing permission there pauses its session)."""
@@ -256,8 +304,12 @@ class ChannelReplies:
 
     async def _run_job(self, job: _Job) -> None:
         try:
-            if job.kind == "reply":
+            if job.kind in ("reply", "speak"):
                 await self._reply(job)
+            elif job.kind == "greeting":
+                await self._greet(job)
+            elif job.kind in ("swipe_prev", "swipe_next"):
+                await self._swipe(job)
             else:
                 await self._rework(job)
         except ReplyDeleted:
@@ -303,33 +355,52 @@ class ChannelReplies:
         session = await repo.get_active_session(channel_key(job.channel.id))
         if session is None or not session.active:
             return
-        refused: TavernError | None = None
         async with self.storing(job.channel.id):
             recent = await repo.recent_turns(session.id, RECENT_LOOKBACK)
-            if not recent or recent[-1].role is not Role.USER:
+            if job.kind == "reply" and (not recent or recent[-1].role is not Role.USER):
                 return  # everything said was answered already (merged requests, deleted messages)
-            previous = next((t.message_ids[-1] for t in reversed(recent) if t.role is Role.MODEL and t.message_ids),
-                            None)
+            if job.character is not None:
+                speakers = [job.character]
+            else:
+                speakers = choose_speakers(
+                    await self.service.cast(session), recent[-1].content, replied_to=job.replied_to,
+                    limit=self.service.settings.characters.max_speakers, rng=self.rng,
+                )
+        previous = next((t.message_ids[-1] for t in reversed(recent) if t.role is Role.MODEL and t.message_ids),
+                        None)
+        # Each chosen character answers the same message in turn; none answers another's reply.
+        for speaker in speakers:
+            if self.closed:
+                return
+            posted = await self._speak(job, session, speaker, previous)
+            if posted is None:
+                return
+            previous = posted
+
+    async def _speak(self, job: _Job, session: ChannelSession, speaker: Character, previous: int | None) -> int | None:
+        """One character's reply: reserve its turn, stream, store; the id of its last message (None: stop)."""
+        repo = self.service.repo
+        refused: TavernError | None = None
+        async with self.storing(job.channel.id):
             try:
-                stream = await self.service.reply(session, reserve=True)
+                stream = await self.service.reply(session, reserve=True, speaker=speaker)
             except TavernError as exc:
                 refused = exc
         if refused is not None:
             await self._notice(job, refused.user_message)
-            return
-        saved = False
+            return None
+        posted: int | None = None
         try:
-            saved = await self._write_reply(job, stream, previous, await self._character(session))
+            posted = await self._write_reply(job, stream, previous)
         finally:
             stream.cancel()
-            if not saved and stream.into is not None:
+            if posted is None and stream.into is not None:
                 await repo.delete_turn(stream.into.id)  # nothing of the reply is shown or kept
+        return posted
 
-    async def _write_reply(
-        self, job: _Job, stream: ReplyStream, previous: int | None, character: Character | None
-    ) -> bool:
-        """Show and store a new reply; True once it is stored."""
-        target = self._target(await self.poster_for(job.channel, character))
+    async def _write_reply(self, job: _Job, stream: ReplyStream, previous: int | None) -> int | None:
+        """Show and store a new reply; the id of its last message once it is stored, else None."""
+        target = self._target(await self.poster_for(job.channel, stream.character))
         if stream.into is not None:
             # Each message is mapped to the reserved turn as soon as it is posted: after a crash the
             # restarted bot can then find the half-written reply and take it down (`bot.discord_front.recovery`).
@@ -341,17 +412,17 @@ class ChannelReplies:
             await self._notice(job, describe_error(exc))
             if kept and previous is not None:
                 await self._remove_buttons(job.channel, previous)
-            return kept
+            return target.ids[-1] if kept and target.ids else None
         if not text:
             await target.discard()
             await self._notice(job, self._empty_notice(stream))
-            return False
+            return None
         await target.finish(text, self._buttons())
         await stream.save(target.ids)
         await self._after(job, stream)
         if previous is not None:
             await self._remove_buttons(job.channel, previous)
-        return True
+        return target.ids[-1] if target.ids else None
 
     async def _record_part(self, turn_id: int, channel_id: int, message_id: int) -> None:
         try:
@@ -366,7 +437,6 @@ class ChannelReplies:
             await self._notice(job, checked)
             return
         session, turn = checked
-        target = await self._rework_target(job, turn, await self._character(session))
         try:
             if job.kind == "regenerate":
                 stream = await self.service.regenerate(session, turn)
@@ -375,36 +445,69 @@ class ChannelReplies:
         except TavernError as exc:
             await self._notice(job, exc.user_message)
             return
+        target = await self._rework_target(job, turn, stream.character)
+        shown = self._buttons(turn)
         try:
             text = await self._pump(job.channel, stream, target)
         except (TavernError, PromptTooLarge, MessageTooLarge) as exc:
-            await target.finish(turn.content, self._buttons())
+            await target.finish(turn.content, shown)
             await self._notice(job, describe_error(exc))
             return
         finally:
             stream.cancel()
         if job.kind == "regenerate":
             if not text:
-                await target.finish(turn.content, self._buttons())
+                await target.finish(turn.content, shown)
                 await self._notice(job, self._empty_notice(stream) if stream.interrupted else NOTHING_NEW_NOTICE)
                 return
-            await target.finish(text, self._buttons())
+            versions = max(turn.swipe_count, 1) + 1  # the new text becomes the last version, shown
+            await target.finish(text, self._buttons(swipe=(versions - 1, versions)))
             await stream.save(target.ids)
         else:
-            await target.finish(text or turn.content, self._buttons())
+            await target.finish(text or turn.content, shown)
             if not stream.raw.strip():
                 await self._notice(job, NOTHING_TO_ADD_NOTICE)
                 return
             await stream.save(target.ids)
         await self._after(job, stream)
 
+    async def _greet(self, job: _Job) -> None:
+        """Post a stored greeting as the main character, with its alternate greetings as swipes."""
+        repo = self.service.repo
+        session = await repo.get_active_session(channel_key(job.channel.id))
+        if session is None or not session.active:
+            return
+        turn = await repo.latest_turn(session.id)
+        if turn is None or turn.id != job.turn_id or turn.message_ids:
+            return  # talked over, reset or posted already
+        cast = await self.service.cast(session)
+        target = self._target(await self.poster_for(job.channel, cast[0]))
+        await target.finish(turn.content, self._buttons(turn))
+        if target.ids:
+            await repo.add_turn_messages(turn.id, target.ids)
+
+    async def _swipe(self, job: _Job) -> None:
+        """◀ / ▶: show the previous or next stored version of the latest reply; the history holds that one."""
+        checked = await self._latest_reply(job.channel.id, job.message_id or 0, job.kind)
+        if isinstance(checked, str):
+            await self._notice(job, checked)
+            return
+        session, turn = checked
+        number = turn.swipe + (1 if job.kind == "swipe_next" else -1)
+        chosen = await self.service.repo.select_swipe(turn.id, number) if 0 <= number < turn.swipe_count else None
+        if chosen is None:
+            return  # at either end: nothing to show (the button is disabled there)
+        cast = await self.service.cast(session)
+        target = await self._rework_target(job, turn, self.service.speaker_of(cast, turn))
+        await target.finish(chosen.content, self._buttons(chosen))
+        new_ids = [m for m in target.ids if m not in chosen.message_ids]
+        if new_ids:
+            await self.service.repo.add_turn_messages(chosen.id, new_ids)
+
     # --- rendering --------------------------------------------------------------------------------
 
     def _target(self, poster: Poster, message_ids: Sequence[int] = (), text: str | None = None) -> ReplyMessages:
         return ReplyMessages(poster, self._own_deletes, message_ids=message_ids, text=text)
-
-    async def _character(self, session: ChannelSession) -> Character | None:
-        return None if self.character_of is None else await self.character_of(session)
 
     async def _rework_target(self, job: _Job, turn: Turn, character: Character | None) -> ReplyMessages:
         """The messages of a reply to rework, through the poster of their author (the clicked message's).
@@ -486,11 +589,13 @@ class ChannelReplies:
 
     # --- latest reply and its buttons -------------------------------------------------------------
 
-    def _buttons(self) -> ReplyButtons:
-        """The buttons for a reply, as a finished view: discord.py then sends its components without
-        keeping a copy per message (which would never be freed); the view registered at start
-        (`TavernBot.setup_hook`) answers every click."""
-        view = ReplyButtons(self)
+    def _buttons(self, turn: Turn | None = None, *, swipe: tuple[int, int] | None = None) -> ReplyButtons:
+        """The buttons for a reply (◀ n/m ▶ when `turn` has several versions, or as `swipe` says), as a
+        finished view: discord.py then sends its components without keeping a copy per message (which
+        would never be freed); the view registered at start (`TavernBot.setup_hook`) answers every click."""
+        if swipe is None and turn is not None and turn.swipe_count > 1:
+            swipe = (turn.swipe, turn.swipe_count)
+        view = ReplyButtons(self, swipe)
         view.stop()
         return view
 
@@ -518,7 +623,8 @@ class ChannelReplies:
             return NOT_IN_SESSION
         latest = await repo.latest_turn(session.id)
         if turn.role is not Role.MODEL or latest is None or latest.id != turn.id:
-            return NOT_LATEST.format(verb="regenerated" if kind == "regenerate" else "continued")
+            verbs = {"regenerate": "regenerated", "continue": "continued"}
+            return NOT_LATEST.format(verb=verbs.get(kind, "swiped"))
         return session, turn
 
     async def _refusal(self, interaction: discord.Interaction, kind: JobKind) -> str | None:
