@@ -227,13 +227,20 @@ def read_world(data: bytes, *, name: str) -> Lorebook:
     return Lorebook(name=name, entries=parsed, raw=MappingProxyType(obj))
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON data")
+
+
 def book_from_card(character_book: Mapping[str, Any], *, name: str) -> Lorebook:
     """Parse a Character Card V2/V3 `character_book`, mapping its entries as SillyTavern's
     `convertCharacterBook` does. Raises `LoreError` when it is malformed or too large."""
     if not isinstance(character_book, Mapping):
         raise LoreError("The card's lorebook is not an object.")
     try:
-        text = json.dumps(dict(character_book), ensure_ascii=False)
+        # Read-only mappings (a card's frozen data) serialise as the objects they are.
+        text = json.dumps(dict(character_book), ensure_ascii=False, default=_plain)
     except (TypeError, ValueError, RecursionError) as exc:
         raise LoreError("The card's lorebook is not plain JSON data.") from exc
     if len(text.encode("utf-8")) > MAX_FILE_BYTES:
