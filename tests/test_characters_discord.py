@@ -244,3 +244,25 @@ async def test_cards_in_prompt_mode(db_url, mode: str) -> None:
         assert (heads[0] == heads[1]) is (mode == "all")
         session = await t.bot.repo.get_active_session(channel_key(tavern.channel.id))
         assert session is not None
+
+
+async def test_the_cards_own_lorebook_examples_and_post_history_shape_the_prompt(db_url) -> None:
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        # A complete V2 card: system prompt, examples, post-history instructions, a lorebook keyed "tower0".
+        await import_card(t, tavern, card_files.png_card([("tEXt", "chara", card_files.b64(card_files.v2_card()))]))
+        await tavern.admin.slash(tavern.channel, "session start", character="Aria")
+        await t.env.settle()
+        assert replies(tavern.channel)[0].content == "Halt, Admin!"
+        await tavern.alice.send(tavern.channel, "What is tower0?")
+        prompt = t.backend.prompts[-1]
+        assert prompt.startswith("<|system|>Write as Aria.\nAria is a knight.\nAria's personality: brave\n"
+                                 "Scenario: A tower.<|user|>Alice: Hi<|model|>Halt!")
+        # The entry is placed before the character on the card; by default (`lore_in_head = "constant"`) a
+        # triggered entry goes in at a depth instead, so the head the cache holds stays the same.
+        assert "<|model|>Halt!<|system|>The tower is old.<|user|>Stay in character.<|model|>Halt, Admin!" in prompt, (
+            "depth 4 reaches past this short history: the entry follows the examples; the card's depth prompt "
+            "(depth 2, as a user turn) goes two messages from the end")
+        assert prompt.endswith("<|user|>Alice: What is tower0?<|system|>Stay terse.<|model|>")
+        await tavern.alice.send(tavern.channel, "Nothing about that.")
+        assert "The tower is old." not in t.backend.prompts[-1].split("What is tower0?")[-1]

@@ -164,3 +164,33 @@ def test_cli_chat_through_a_pipe_prints_only_the_chat(tmp_path, demo_model_path)
     assert proc.stderr == ""
     assert "INFO" not in proc.stdout and "alembic" not in proc.stdout
     assert proc.stdout.startswith("New session 'default'.\n")
+
+
+@pytest.mark.model
+def test_cli_chat_plays_a_character_card_through_a_pipe(tmp_path, demo_model_path):
+    from tests import card_files
+
+    card = {"spec": "chara_card_v2", "spec_version": "2.0",
+            "data": {"name": "Mira", "description": "Mira is a sharp-tongued elven ranger.",
+                     "first_mes": "*Mira looks up from her bow.* Well met, {{user}}."}}
+    path = tmp_path / "mira.png"
+    path.write_bytes(card_files.png_card([("tEXt", "chara", card_files.b64(card))]))
+    proc = run_cli(tmp_path, demo_model_path, "Who are you?\n", "--session", "woods", "--character", str(path),
+                   "--name", "Alice")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["New session 'woods'.", "Mira: *Mira looks up from her bow.* Well met, Alice."]
+    reply = proc.stdout.split("Mira: ")[2].splitlines()[0] if proc.stdout.count("Mira: ") > 1 else ""
+    assert reply.strip() or "nothing to say" in proc.stdout
+    assert "<|" not in proc.stdout
+
+
+def test_cli_chat_refuses_a_file_that_is_no_card_with_one_line(tmp_path):
+    bad = tmp_path / "cat.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    config = tmp_path / "config.toml"
+    config.write_text(f"[database]\nurl = 'sqlite+aiosqlite:///{tmp_path / 'c.db'}'\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "bot", "--config", str(config), "chat", "--character", str(bad)],
+                          input="hi\n", capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"tavernkeep: --character: {bad}:") and len(proc.stderr.splitlines()) == 1

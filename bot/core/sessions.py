@@ -337,6 +337,11 @@ class ChatService:
 
     # --- the scene ---------------------------------------------------------------------------------
 
+    async def _truncated(self, session: ChannelSession, turns: Sequence[Turn]) -> bool:
+        """Whether the session holds older turns than `turns` reaches back to. Example dialogue stays in
+        the prompt only while the whole history fits beside it, which keeps the prompt's head stable."""
+        return await self.repo.count_turns(session.id) > len(turns)
+
     async def cast(self, session: ChannelSession) -> tuple[Character, ...]:
         """Every character of the channel, the main one first."""
         others = await self.repo.channel_characters(session.id) if session.persona_id is not None else []
@@ -403,14 +408,15 @@ class ChatService:
         """
         turns = await self._window(session)
         scene = await self.scene(session, speaker, turns)
+        truncated = await self._truncated(session, turns)
         if not reserve:
-            return await self._stream(session, turns, scene, continue_last=False)
+            return await self._stream(session, turns, scene, continue_last=False, truncated=truncated)
         reserved = await self.repo.append_turn(
             session.id, Role.MODEL, "", status=TurnStatus.PENDING, author_name=scene.speaker.stored_name,
             character_id=scene.speaker.id,
         )
         try:
-            return await self._stream(session, turns, scene, continue_last=False, into=reserved)
+            return await self._stream(session, turns, scene, continue_last=False, into=reserved, truncated=truncated)
         except Exception:
             await self.repo.delete_turn(reserved.id)  # the engine refused it (queue full, closing)
             raise
@@ -420,7 +426,8 @@ class ChatService:
         turns = await self._window(session)
         cast = await self.cast(session)
         scene = await self.scene(session, self.speaker_of(cast, turn), turns)
-        return await self._stream(session, turns, scene, continue_last=True, continues=turn)
+        return await self._stream(session, turns, scene, continue_last=True, continues=turn,
+                                  truncated=await self._truncated(session, turns))
 
     async def regenerate(self, session: ChannelSession, turn: Turn) -> ReplyStream:
         """Start a new reply in place of the model turn `turn`; `save()` keeps the old text as a swipe."""
@@ -436,7 +443,7 @@ class ChatService:
         cast = await self.cast(session)
         scene = await self.scene(session, self.speaker_of(cast, turn), kept)
         return await self._stream(session, kept, scene, continue_last=False, into=turn, sampling=sampling,
-                                  swipe=True)
+                                  swipe=True, truncated=await self._truncated(session, turns))
 
     async def _stream(
         self,
@@ -449,7 +456,9 @@ class ChatService:
         into: Turn | None = None,
         sampling: Sampling | None = None,
         swipe: bool = False,
+        truncated: bool = False,
     ) -> ReplyStream:
+        """Build the prompt off the loop and start generating; `truncated`: older stored turns than `turns` exist."""
         speaker = scene.speaker
         if speaker.id is None and not session.persona_text.strip() and not session.persona_card:
             raise PersonaMissing()
@@ -460,8 +469,6 @@ class ChatService:
             speaker_label(t.author_name, names) for t in turns if t.role is Role.USER and t.author_name))
         others = tuple(name for name in names if name != speaker.name)
         history = history_of(turns, scene.cast[0].name)
-        # Examples stay in the prompt only while the whole history fits beside them (a stable head).
-        truncated = await self.repo.count_turns(session.id) > len(turns) + (1 if swipe else 0)
         max_new = self.max_new_tokens_for(session)
         chosen = sampling or self.sampling_for(session)
         rng = random.Random(chosen.seed) if chosen.seed is not None else random.Random()
