@@ -192,8 +192,8 @@ async def test_empty_attachment_sticker_and_embed_messages(db_url):
         t.env.backend.create_message(channel.id, tavern.bob.id, "Hi there", stickers=[sticker])
         await t.env.settle()
         assert [(turn.author_name, turn.content) for turn in await stored_turns(t, channel)] == [
-            ("Alice", "I unroll the map."), ("", "You said: Alice: I unroll the map."),
-            ("Bob", "Hi there"), ("", "You said: Bob: Hi there"),
+            ("Alice", "I unroll the map."), ("Mira", "You said: Alice: I unroll the map."),
+            ("Bob", "Hi there"), ("Mira", "You said: Bob: Hi there"),
         ]
 
 
@@ -347,9 +347,9 @@ async def test_personas_outside_their_limits_are_refused_and_nothing_is_stored(d
             return await tavern.admin.submit_modal(shown, {"persona_name": name, "persona_text": text})
 
         blank_name = await create("   ", "A persona.")
-        assert blank_name.response.content == "A persona name must be 1 to 64 characters long."
+        assert blank_name.response.content == "A character name must be 1 to 64 characters long."
         blank_text = await create("Bram", " \n\t ")
-        assert blank_text.response.content == "The persona text is empty."
+        assert blank_text.response.content == "The description is empty."
         # Discord's form enforces the lengths it was given; SimCord does too.
         with pytest.raises(simcord.SetupError, match="max_length"):
             await create("B" * 65, "A persona.")
@@ -358,13 +358,17 @@ async def test_personas_outside_their_limits_are_refused_and_nothing_is_stored(d
         assert await t.bot.repo.list_personas(tavern.guild.id) == []
         simcord.assert_error(t.env, InvalidPersona)  # SimCord records modal errors, handled or not
 
-        # An edit that no longer fits the context keeps the old text.
+        # An edit that no longer fits the context keeps the old card, whichever field made it too long.
         await create("Bram", "Bram is a bard.")
-        shown = await tavern.admin.slash(tavern.channel, "character edit", name="Bram")
-        too_long = await tavern.admin.submit_modal(shown, {"persona_text": "A very long persona. " * 190})
-        assert "at most" in too_long.response.content and "tokens" in too_long.response.content
-        assert (await t.bot.repo.get_persona(tavern.guild.id, "Bram")).text == "Bram is a bard."
-        simcord.assert_error(t.env, PersonaTooLarge)
+        before = await t.bot.repo.get_persona(tavern.guild.id, "Bram")
+        for field in ("persona_text", "character_scenario"):
+            shown = await tavern.admin.slash(tavern.channel, "character edit", name="Bram")
+            values = {"persona_text": before.text, field: "A very long persona. " * 190}
+            too_long = await tavern.admin.submit_modal(shown, values)
+            assert "at most" in too_long.response.content and "tokens" in too_long.response.content, field
+            after = await t.bot.repo.get_persona(tavern.guild.id, "Bram")
+            assert (after.text, after.card) == (before.text, before.card), field
+            simcord.assert_error(t.env, PersonaTooLarge)
 
 
 async def test_a_persona_larger_than_the_context_cannot_be_put_in_a_channel(db_url):

@@ -1,4 +1,4 @@
-"""The session, persona and status commands, driven through SimCord against a real SQLite file."""
+"""The session, character and status commands, driven through SimCord against a real SQLite file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import simcord
 from discord.ext import commands
 
 import cogs
+from bot.core import characters
+from bot.core.cards import card_from_text
 from bot.core.characters import PersonaNameTaken
+from bot.core.scene import Character
 from bot.discord_front.client import INITIAL_EXTENSIONS
 from bot.discord_front.errors import GENERIC_MESSAGE
 from bot.discord_front.keys import channel_key
@@ -27,7 +30,8 @@ from tests.discord_fixtures import bot_env, tavern_guild
 
 NOT_ALLOWED = NotAllowed.user_message
 PERSONA = "Bram is a travelling bard.\nHe speaks in rhyme when nervous.\n\nHe owes the innkeeper money."
-MY_EXTENSIONS = ("cogs.sessions", "cogs.personas", "cogs.status")
+EDIT_FIELDS = ("persona_text", "character_personality", "character_scenario", "character_first_mes",
+               "character_mes_example")
 
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -49,7 +53,7 @@ async def tavern_bot(db_url: str) -> AsyncIterator[SimpleNamespace]:
         )
 
 
-async def create_persona(t, name: str = "Bram", text: str = PERSONA) -> simcord.InteractionResult:
+async def create_character(t, name: str = "Bram", text: str = PERSONA) -> simcord.InteractionResult:
     shown = await t.admin.slash(t.channel, "character create")
     assert shown.modal is not None
     return await t.admin.submit_modal(shown, {"persona_name": name, "persona_text": text})
@@ -64,14 +68,14 @@ def revoke_roles(t, member) -> None:
     t.env.backend.edit_member(t.guild.id, member.id, {"role_ids": []})
 
 
-# --- personas --------------------------------------------------------------------------------------
+# --- characters ------------------------------------------------------------------------------------
 
 
-async def test_admin_creates_persona_in_a_modal_and_members_list_and_show_it(db_url):
+async def test_admin_creates_a_character_in_a_modal_and_members_list_and_show_it(db_url):
     async with tavern_bot(db_url) as t:
-        done = await create_persona(t)
+        done = await create_character(t)
         assert done.ephemeral
-        assert done.response.content.startswith('Created the persona "Bram"')
+        assert done.response.content.startswith('Created the character "Bram"')
         stored = await t.bot.repo.get_persona(t.guild.id, "Bram")
         assert stored is not None and stored.text == PERSONA and stored.created_by == t.admin.id
 
@@ -88,50 +92,64 @@ async def test_admin_creates_persona_in_a_modal_and_members_list_and_show_it(db_
         assert t.channel.history(viewer=bystander) == []
 
 
-async def test_edit_prefills_the_text_and_saves_the_new_one(db_url):
+async def test_edit_prefills_the_card_fields_and_saves_the_new_ones(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         shown = await t.admin.slash(t.channel, "character edit", name="Bram")
         assert shown.modal["title"] == "Edit Bram"
-        [text_input] = [c for row in shown.modal["components"] for c in row["components"]]
-        assert text_input["custom_id"] == "persona_text" and text_input["value"] == PERSONA
-        done = await t.admin.submit_modal(shown, {"persona_text": "Bram, now sober."})
-        assert done.response.content.startswith('Saved the persona "Bram"')
-        assert (await t.bot.repo.get_persona(t.guild.id, "Bram")).text == "Bram, now sober."
+        inputs = [c for row in shown.modal["components"] for c in row["components"]]
+        assert tuple(c["custom_id"] for c in inputs) == EDIT_FIELDS  # Discord's most: five inputs
+        description, *others = inputs
+        assert description["value"] == PERSONA and description["required"]
+        assert all(not c["required"] and not c.get("value") for c in others)  # a written card has no more yet
+
+        done = await t.admin.submit_modal(
+            shown, {"persona_text": "Bram, now sober.", "character_scenario": "The inn at closing time."}
+        )
+        assert done.response.content.startswith('Saved "Bram"')
+        stored = await t.bot.repo.get_persona(t.guild.id, "Bram")
+        assert stored.text == "Bram, now sober."
+        card = await characters.load_card(t.bot.repo, stored)
+        assert card.description == "Bram, now sober." and card.scenario == "The inn at closing time."
+        assert card.personality == ""
 
 
 async def test_duplicate_and_unknown_names_get_friendly_answers(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
-        again = await create_persona(t, text="Another Bram")
+        await create_character(t)
+        again = await create_character(t, text="Another Bram")
         assert again.ephemeral
-        assert again.response.content.startswith('A persona called "Bram" already exists here.')
+        assert again.response.content.startswith('A character called "Bram" already exists here.')
         assert (await t.bot.repo.get_persona(t.guild.id, "Bram")).text == PERSONA
         simcord.assert_error(t.env, PersonaNameTaken)  # SimCord records errors of modals, handled or not
 
         for command in ("character show", "character edit", "character delete", "character use"):
             missing = await t.admin.slash(t.channel, command, name="Nobody")
             assert missing.ephemeral and missing.modal is None
-            assert missing.response.content == 'There is no persona called "Nobody" here; /persona list shows them.'
+            assert missing.response.content == (
+                'There is no character called "Nobody" here; /character list shows them.'
+            )
 
 
-async def test_delete_removes_the_persona(db_url):
+async def test_delete_removes_the_character(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         done = await t.admin.slash(t.channel, "character delete", name="Bram")
-        assert done.ephemeral and done.response.content.startswith('Deleted the persona "Bram".')
+        assert done.ephemeral and done.response.content.startswith('Deleted the character "Bram".')
         assert await t.bot.repo.list_personas(t.guild.id) == []
         empty = await t.player.slash(t.channel, "character list")
-        assert empty.response.content.startswith("No personas yet.")
+        assert empty.response.content.startswith("No characters yet.")
 
 
-async def test_persona_too_large_for_the_context_is_refused_with_both_numbers(db_url):
+async def test_character_too_large_for_the_context_is_refused_with_both_numbers(db_url):
     async with tavern_bot(db_url) as t:
         text = "A very long persona. " * 190  # < 4000 characters, more tokens than a 4096 context allows
-        tokens = await t.bot.service.count_tokens(text.strip())
-        allowed = await t.bot.service.persona_budget()
-        assert tokens > allowed
-        refused = await create_persona(t, "Long", text)
+        # The card is measured as the prompt's head holds it (its story string), not as bare text.
+        with pytest.raises(PersonaTooLarge) as measured:
+            await t.bot.service.check_card(Character(None, "Long", card_from_text("Long", text.strip())))
+        tokens, allowed = measured.value.tokens, measured.value.allowed
+        assert tokens >= await t.bot.service.count_tokens(text.strip()) > allowed
+        refused = await create_character(t, "Long", text)
         assert refused.ephemeral
         assert f"{tokens} tokens" in refused.response.content and f"at most {allowed}" in refused.response.content
         assert await t.bot.repo.list_personas(t.guild.id) == []
@@ -141,40 +159,41 @@ async def test_persona_too_large_for_the_context_is_refused_with_both_numbers(db
 # --- sessions --------------------------------------------------------------------------------------
 
 
-async def test_start_uses_an_autocompleted_persona(db_url):
+async def test_start_uses_an_autocompleted_character(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
-        await create_persona(t, "Ysolde", "Ysolde is a knight.")
-        choices = await t.admin.autocomplete(t.channel, "session start", "persona", "br")
+        await create_character(t)
+        await create_character(t, "Ysolde", "Ysolde is a knight.")
+        choices = await t.admin.autocomplete(t.channel, "session start", "character", "br")
         assert choices == [{"name": "Bram", "value": "Bram"}]
 
         started = await t.admin.slash(t.channel, "session start", character="Bram")
         assert started.ephemeral
-        assert started.response.content == 'Roleplay started in this channel with the persona "Bram".'
+        assert started.response.content == 'Roleplay started in this channel with "Bram".'
         session = await session_of(t)
         assert session.active and session.persona_name == "Bram" and session.guild_id == t.guild.id
 
         switched = await t.admin.slash(t.channel, "character use", name="Ysolde")
         assert switched.response.content == (
-            'Roleplay resumed in this channel with the persona "Ysolde" (0 turns of history).'
+            'Roleplay resumed in this channel with "Ysolde" (0 turns of history).'
         )
         assert (await session_of(t)).persona_name == "Ysolde"
 
 
-async def test_start_without_persona_explains_what_to_do(db_url):
+async def test_start_without_character_explains_what_to_do(db_url):
     async with tavern_bot(db_url) as t:
         first = await t.admin.slash(t.channel, "session start")
         assert first.ephemeral
-        assert "no personas yet. Create one with /persona create" in first.response.content
-        await create_persona(t)
+        assert "no characters yet. Import a card with /character import" in first.response.content
+        assert "/character create" in first.response.content
+        await create_character(t)
         second = await t.admin.slash(t.channel, "session start")
-        assert second.response.content.startswith("Choose a persona for this channel")
+        assert second.response.content.startswith("Choose a character for this channel")
         assert await session_of(t) is None
 
 
-async def test_stop_pauses_and_start_resumes_with_the_same_persona(db_url):
+async def test_stop_pauses_and_start_resumes_with_the_same_character(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         await t.player.send(t.channel, "Hello, bard!")
         assert t.channel.last_message.content == "You said: Alice: Hello, bard!"
@@ -190,7 +209,7 @@ async def test_stop_pauses_and_start_resumes_with_the_same_persona(db_url):
 
         resumed = await t.admin.slash(t.channel, "session start")
         assert resumed.response.content == (
-            'Roleplay resumed in this channel with the persona "Bram" (2 turns of history).'
+            'Roleplay resumed in this channel with "Bram" (2 turns of history).'
         )
         assert (await session_of(t)).active is True
         await t.player.send(t.channel, "Welcome back")
@@ -199,7 +218,7 @@ async def test_stop_pauses_and_start_resumes_with_the_same_persona(db_url):
 
 async def test_stop_cancels_the_reply_being_written(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         session = await session_of(t)
         t.model.reply, t.model.token_delay = "la " * 200, 0.01  # about 6 s unless stopped
@@ -235,7 +254,7 @@ async def test_commands_needing_a_session_say_so(db_url):
 
 async def test_settings_are_validated_stored_and_shown(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
 
         shown = await t.admin.slash(t.channel, "session settings")
@@ -266,7 +285,7 @@ async def test_settings_are_validated_stored_and_shown(db_url):
 
 async def test_reset_asks_first_then_archives_the_history(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         old = await session_of(t)
         await t.player.send(t.channel, "Hello there")
@@ -297,7 +316,7 @@ async def test_reset_asks_first_then_archives_the_history(db_url):
 
 async def test_unanswered_reset_question_expires_without_changes(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         old = await session_of(t)
         await t.admin.slash(t.channel, "session reset")
@@ -324,7 +343,7 @@ ADMIN_COMMANDS = [
 
 async def test_non_admin_is_refused_every_admin_command_server_side(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         assert "session start" not in t.player.available_commands(t.channel)  # hidden by default_permissions
         [session_command] = [c for c in await t.bot.tree.fetch_commands() if c.name == "session"]
@@ -342,7 +361,7 @@ async def test_non_admin_is_refused_every_admin_command_server_side(db_url):
 
 async def test_reset_button_and_modal_check_the_clicker_again(db_url):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         old = await session_of(t)
         asked = await t.admin.slash(t.channel, "session reset")
@@ -364,7 +383,7 @@ async def test_server_commands_are_absent_in_dms(db_url):
         user = t.player.user
         available = user.available_commands()
         assert "status" in available
-        assert not any(name.startswith(("session", "persona")) for name in available)
+        assert not any(name.startswith(("session", "character", "lore", "me ")) for name in available)
         with pytest.raises(simcord.SetupError):
             await user.slash("character list")
         status = await user.slash("status")
@@ -395,7 +414,7 @@ async def test_status_shows_the_figures(db_url):
         assert "**Last reply speed:** no reply yet" in before.response.content
         assert "**This channel:** no roleplay session" in before.response.content
 
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         await t.player.send(t.channel, "Hi")
         t.bot.started_at = discord.utils.utcnow()  # the bot was built outside SimCord's virtual clock
@@ -419,7 +438,7 @@ async def test_unexpected_error_is_logged_with_context_and_the_user_gets_an_apol
             result = await t.player.slash(t.channel, "character list")
         assert result.ephemeral and result.response.content == GENERIC_MESSAGE
         [record] = [r for r in caplog.records if r.name == "bot.discord_front.errors"]
-        assert "/persona list" in record.getMessage()
+        assert "/character list" in record.getMessage()
         for figure in (t.player.id, t.guild.id, t.channel.id):
             assert str(figure) in record.getMessage()
         assert record.exc_info[1].args == ("database on fire",)
@@ -428,7 +447,7 @@ async def test_unexpected_error_is_logged_with_context_and_the_user_gets_an_apol
 
 async def test_unexpected_error_in_a_button_is_logged_too(db_url, caplog, monkeypatch):
     async with tavern_bot(db_url) as t:
-        await create_persona(t)
+        await create_character(t)
         await t.admin.slash(t.channel, "session start", character="Bram")
         asked = await t.admin.slash(t.channel, "session reset")
 

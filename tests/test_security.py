@@ -6,6 +6,7 @@ Driven through SimCord against the real bot, a real SQLite file and the fake mod
 
 from __future__ import annotations
 
+import json
 import sys
 
 import discord
@@ -23,6 +24,7 @@ from bot.discord_front.replies import CANNOT_TALK, REGENERATE_ID
 from bot.errors import ChannelQueueFull
 from persistence.models import Base
 from persistence.records import Role
+from tests.card_files import json_file, v2_card
 from tests.discord_fixtures import (
     bot_env,
     capture_interactions,
@@ -60,19 +62,34 @@ def loaded(bot, cog_name: str):
 
 # --- every admin path re-checks Manage Server ------------------------------------------------------
 
-# Each admin command path with options that would change something if it ran.
+WORLD = json.dumps({"entries": {"0": {"uid": 0, "key": ["tower"], "content": "The tower is old."}}}).encode()
+
+# Each admin command path with options that would change something if it ran, against the scene the
+# refusal test sets up: Bram plays the channel with Ysolde beside him, Wren waits unused; the lorebook
+# "Tower" is attached here, "Maps" is not.
 ADMIN_COMMANDS = {
-    "session start": {"persona": "Bram"},
+    "session start": {"character": "Wren"},
+    "session note": {"text": "It starts to rain.", "depth": 2, "role": "user"},
     "session stop": {},
     "session reset": {},
     "session settings": {"temperature": 1.5, "use_defaults": True},
     "session export": {},
+    "character import": {"file": ("Aria.json", json_file(v2_card("Aria")))},
     "character create": {},
     "character edit": {"name": "Bram"},
-    "character delete": {"name": "Bram"},
-    "character use": {"name": "Bram"},
+    "character delete": {"name": "Wren"},
+    "character use": {"name": "Wren"},
+    "character add": {"name": "Wren"},
+    "character remove": {"name": "Ysolde"},
+    "lore import": {"file": ("Atlas.json", WORLD)},
+    "lore attach": {"name": "Maps"},
+    "lore detach": {"name": "Tower"},
+    "lore delete": {"name": "Maps"},
 }
-PUBLIC_COMMANDS = {"character list", "character show", "status", "privacy export", "privacy forget"}
+PUBLIC_COMMANDS = {
+    "character list", "character show", "character export", "character speak", "lore list", "me persona",
+    "status", "privacy export", "privacy forget",
+}
 
 
 async def test_every_command_is_either_admin_only_or_meant_for_everyone(db_url):
@@ -86,21 +103,34 @@ async def test_every_command_is_either_admin_only_or_meant_for_everyone(db_url):
 async def test_a_non_admin_who_can_see_admin_commands_is_refused_and_nothing_changes(db_url):
     async with bot_env(db_url) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern, name="Bram", persona="Bram is a bard.")
+        session = await start_session(t, tavern, name="Bram", persona="Bram is a bard.")
+        repo = t.bot.repo
+        ysolde = await repo.create_persona(tavern.guild.id, "Ysolde", "Ysolde is a knight.")
+        await repo.add_channel_character(session.id, ysolde.id)
+        await repo.create_persona(tavern.guild.id, "Wren", "Wren is a thief.")
+        tower = await repo.create_lorebook(tavern.guild.id, "Tower", WORLD.decode())
+        await repo.attach_lorebook(channel_key(tavern.channel.id), tower.id)
+        await repo.create_lorebook(tavern.guild.id, "Maps", WORLD.decode())
         await tavern.alice.send(tavern.channel, "Hello.")
-        # A server may show the session commands to anyone (default_permissions is only a default).
+        # A server may show the session commands to anyone (default_permissions is only a default);
+        # the /character and /lore groups mix public and admin commands, so everyone sees them.
         assert "session export" not in tavern.bob.available_commands(tavern.channel)
         [session_command] = [c for c in await t.bot.tree.fetch_commands() if c.name == "session"]
         tavern.guild.set_command_permissions(session_command.id, {tavern.bob: True})
         assert set(ADMIN_COMMANDS) <= set(tavern.bob.available_commands(tavern.channel))
 
         before = await snapshot(t)
+        posted = [m.id for m in tavern.channel.history()]
+        writes = len(t.env.http_requests)
         for command, options in ADMIN_COMMANDS.items():
             refused = await tavern.bob.slash(tavern.channel, command, **options)
             assert refused.ephemeral and refused.modal is None, command
             assert refused.response.content == NOT_ALLOWED, command
             assert refused.response.components == [] and refused.response.message.attachments == [], command
         assert await snapshot(t) == before
+        assert [m.id for m in tavern.channel.history()] == posted  # no greeting, no webhook post
+        # Only the refusals themselves went out: no webhook made, no message posted or edited.
+        assert {(r.method, r.path.split("/")[1]) for r in t.env.http_requests[writes:]} <= {("POST", "interactions")}
 
 
 async def test_buttons_and_forms_of_admin_actions_check_the_member_again(db_url):
