@@ -62,6 +62,6 @@ class PersonaTooLarge(TavernError):
         self.tokens = tokens
         self.allowed = allowed
         super().__init__(
-            f"That persona is {tokens} tokens long; at most {allowed} fit while leaving room for the "
+            f"That character is {tokens} tokens long; at most {allowed} fit while leaving room for the "
             "conversation. Please shorten it."
         )

@@ -378,6 +378,6 @@ async def test_a_persona_larger_than_the_context_cannot_be_put_in_a_channel(db_u
         await t.bot.repo.create_persona(tavern.guild.id, "Epic", "An epic persona. " * 400)
         refused = await tavern.admin.slash(tavern.channel, "session start", character="Epic")
         assert refused.ephemeral
-        assert refused.response.content.startswith("That persona is ")
+        assert refused.response.content.startswith("That character is ")
         assert refused.response.content.endswith("Please shorten it.")
         assert await t.bot.repo.get_active_session(channel_key(tavern.channel.id)) is None

@@ -266,3 +266,43 @@ async def test_the_cards_own_lorebook_examples_and_post_history_shape_the_prompt
         assert prompt.endswith("<|user|>Alice: What is tower0?<|system|>Stay terse.<|model|>")
         await tavern.alice.send(tavern.channel, "Nothing about that.")
         assert "The tower is old." not in t.backend.prompts[-1].split("What is tower0?")[-1]
+
+
+@pytest.mark.model
+async def test_a_whole_scene_on_the_demo_model(db_url, demo_model_path) -> None:
+    """Import, greeting, two characters answering by name, a regenerate kept as a swipe, lore in the prompt."""
+    from bot.config import Settings
+    from bot.inference.local.llama import llama_engine
+
+    settings = Settings.model_validate({"model": {"n_ctx": 1024, "threads": 2, "max_new_tokens": 24, "seed": 7}})
+    engine = llama_engine(settings, str(demo_model_path))
+    book = {"entries": [{"keys": ["moon"], "content": "The moon is made of glass.", "enabled": True,
+                         "insertion_order": 1, "extensions": {"position": 4, "depth": 1, "role": 0}}]}
+    async with bot_env(db_url, engine=engine, settings=settings, settle_timeout=120) as t:
+        tavern = tavern_guild(t.env)
+        quiet = {"talkativeness": "0"}
+        await import_card(t, tavern, card_png("Mira", description="Mira is a cheerful innkeeper.",
+                                              first_mes="Welcome in, {{user}}!", extensions=quiet,
+                                              character_book=book))
+        await import_card(t, tavern, card_files.json_file(simple_card("Grim", description="Grim is a gruff dwarf.",
+                                                                      extensions=quiet)), "grim.json")
+        await tavern.admin.slash(tavern.channel, "session start", character="Mira")
+        await tavern.admin.slash(tavern.channel, "character add", name="Grim")
+        await t.env.settle()
+        assert replies(tavern.channel)[0].content == "Welcome in, Admin!"
+
+        await tavern.alice.send(tavern.channel, "Grim, what do you think of the moon?")
+        await tavern.bob.send(tavern.channel, "Mira, another round please.")
+        turns = await stored_turns(t, tavern.channel)
+        speakers = [turn.author_name for turn in turns if turn.role is Role.MODEL and turn.content]
+        assert speakers[0] == "Mira" and set(speakers[1:]) <= {"Grim", "Mira"}
+        named = [m for m in replies(tavern.channel)[1:] if m.content.strip()]
+        assert named, "the demo model wrote something"
+        for message in named:
+            assert "<|" not in message.content and "\nGrim:" not in message.content and "\nMira:" not in message.content
+        last = replies(tavern.channel)[-1]
+        before = (await stored_turns(t, tavern.channel))[-1]
+        await tavern.alice.click(last, custom_id=REGENERATE_ID)
+        after = (await stored_turns(t, tavern.channel))[-1]
+        if after.swipe_count:
+            assert (await t.bot.repo.swipes(after.id))[0] == before.content

@@ -122,7 +122,7 @@ def test_cli_chat_through_a_pipe_on_the_real_model(tmp_path, demo_model_path):
 def test_cli_persona_too_large_exits_with_one_line(tmp_path, demo_model_path):
     proc = run_cli(tmp_path, demo_model_path, "hi\n", "--persona", "tavern " * 2000)
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("tavernkeep: That persona is")
+    assert proc.stderr.strip().startswith("tavernkeep: That character is")
     assert "Traceback" not in proc.stderr
 
 

@@ -303,3 +303,21 @@ async def test_an_export_over_the_limit_stops_reading_pages(db_url, monkeypatch)
         refused = await tavern.admin.slash(tavern.channel, "session export")
         assert refused.response.content.startswith("The export is larger than this server lets me upload")
         assert 0 < len(pages) < 12 and 0 not in pages  # stopped before the end of the log
+
+
+async def test_a_members_persona_is_exported_and_forgotten_with_their_messages(db_url):
+    async with bot_env(db_url, settings=QUIET) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        await tavern.alice.slash(tavern.channel, "me persona", text="Alice is a bard from the north.")
+        await tavern.bob.slash(tavern.channel, "me persona", text="Bob is a smith.")
+        _, lines = await attached_lines(await tavern.alice.slash(tavern.channel, "privacy export"))
+        assert lines == [{"persona": "Alice is a bard from the north."}]
+
+        asked = await tavern.alice.slash(tavern.channel, "privacy forget")
+        assert asked.response.content.startswith("Delete the 1 roleplay messages of yours")
+        await tavern.alice.click(asked.response, label="Delete my messages")
+        assert await t.bot.repo.get_user_persona(tavern.guild.id, tavern.alice.id) is None
+        assert await t.bot.repo.get_user_persona(tavern.guild.id, tavern.bob.id) == "Bob is a smith."
+        shown = await tavern.alice.slash(tavern.channel, "me persona")
+        assert shown.response.content.startswith("You have no persona here")
