@@ -8,7 +8,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import discord
 import pytest
@@ -16,80 +16,67 @@ import simcord
 from aiohttp import web
 
 from bot.config import Settings
-from bot.core.sessions import Speaker
+from bot.core import cards
+from bot.core.scene import Character
+from bot.core.sessions import Speaker, character_of
 from bot.discord_front.client import TavernBot, create_bot
 from bot.discord_front.keys import channel_key
 from bot.discord_front.replies import CONTINUE_ID, REGENERATE_ID
 from bot.discord_front.replies.render import BotPoster, ReplyMessages
-from bot.discord_front.webhooks import (
-    LIMIT_NOTICE,
-    PERMISSION_TIP,
-    CharacterVoices,
-    WebhookPoster,
-    voice_name,
-)
+from bot.discord_front.webhooks import LIMIT_NOTICE, PERMISSION_TIP, WebhookPoster, voice_name
 from persistence.database import Database
-from persistence.records import ChannelSession, CharacterWebhook, Role
-from tests.discord_fixtures import bot_env, replay, start_session, stored_turns, tavern_guild
+from persistence.records import Persona, Role
+from persistence.repository import Repository
+from tests.card_files import image_bytes, json_file, v2_card
+from tests.discord_fixtures import (
+    BotEnv,
+    Tavern,
+    bot_env,
+    message_writes,
+    replay,
+    start_session,
+    stored_turns,
+    tavern_guild,
+)
 from tests.fake_backend import FakeBackend, fake_engine
 from tests.simcord_webhooks import MAX_WEBHOOKS_PER_CHANNEL, WebhookParity, discord_webhooks
 
 
 @pytest.fixture(autouse=True)
 def hooks() -> Iterator[WebhookParity]:
-    """Every test here runs against Discord's webhook behaviour (see `tests/simcord_webhooks.py`)."""
+    """Discord's webhook behaviour (see `tests/simcord_webhooks.py`; conftest applies it to every test), here
+    with the avatars uploaded kept for the tests to read."""
     with discord_webhooks() as parity:
         yield parity
 
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"mira's face"
 REPLY = "Mira tilts her head. The bridge sways, but it holds; step where the planks are dark."
+RED, BLUE = (200, 30, 30), (30, 60, 200)
 
 
-@dataclass(frozen=True)
-class Persona:
-    id: int
-    name: str
-    avatar_sha: str | None
+def character_card(name: str, color: tuple[int, int, int] = RED) -> cards.CharacterCard:
+    """A V2 card as a card site writes it, with a portrait; no greeting (a session start posts none) and
+    never chiming in unasked (talkativeness 0), so each test decides who speaks."""
+    raw = v2_card(name, first_mes="", alternate_greetings=[], extensions={"talkativeness": "0"})
+    return cards.with_avatar(cards.read_card(json_file(raw)), image_bytes(color=color))
 
 
-MIRA = Persona(7, "Mira", "sha-1")
+async def store_character(
+    repo: Repository, guild_id: int, name: str = "Mira", color: tuple[int, int, int] = RED
+) -> Persona:
+    """Store a character as `/character import` does: the card's JSON and its avatar beside it."""
+    card = character_card(name, color)
+    return await repo.create_persona(guild_id, name, card.description, card=cards.stored_json(card),
+                                     avatar=card.avatar)
 
 
-@dataclass
-class DictStore:
-    """The webhook mappings in a dict (the bot keeps them in the database)."""
-
-    records: dict[tuple[int, int], CharacterWebhook] = field(default_factory=dict)
-
-    async def get(self, channel_id: int, persona_id: int) -> CharacterWebhook | None:
-        return self.records.get((channel_id, persona_id))
-
-    async def save(self, record: CharacterWebhook) -> None:
-        self.records[(record.channel_id, record.persona_id)] = record
-
-    async def delete(self, webhook_id: int) -> None:
-        for key in [k for k, r in self.records.items() if r.webhook_id == webhook_id]:
-            del self.records[key]
-
-    async def ids(self) -> set[int]:
-        return {r.webhook_id for r in self.records.values()}
-
-
-async def avatar(persona_id: int) -> bytes | None:
-    return PNG if persona_id == MIRA.id else None
-
-
-def speak_as(bot: TavernBot, character: Persona | None = MIRA, store: DictStore | None = None) -> CharacterVoices:
-    """Wire the minimal call path: every session of `bot` speaks as `character`."""
-    voices = CharacterVoices(bot, store or DictStore(), avatar, bot.intake.own_webhook_ids)
-
-    async def character_of(_session: ChannelSession) -> Persona | None:
-        return character
-
-    bot.replies.voices = voices
-    bot.replies.character_of = character_of
-    return voices
+async def start_with_mira(t: BotEnv, tavern: Tavern, channel: simcord.ChannelHandle | None = None) -> Persona:
+    """Mira stored in the guild (once), then `/session start character:Mira` in `channel`."""
+    mira = await t.bot.repo.get_persona(tavern.guild.id, "Mira")
+    if mira is None:
+        mira = await store_character(t.bot.repo, tavern.guild.id)
+    await start_session(t, tavern, channel=channel)
+    return mira
 
 
 def requests(env: simcord.Env, method: str, prefix: str) -> list[simcord.HttpLogEntry]:
@@ -100,10 +87,15 @@ def buttons(message: discord.Message) -> list[str]:
     return [child.custom_id for row in message.components for child in row.children]  # type: ignore[union-attr]
 
 
-def assert_no_mentions_on_webhooks(env: simcord.Env) -> None:
-    writes = [r for r in env.http_requests if r.path.startswith("/webhooks/") and r.method in ("POST", "PATCH")
-              and r.json and "content" in r.json]
-    assert writes and all(r.json["allowed_mentions"] == {"parse": []} for r in writes)
+def assert_no_mentions(env: simcord.Env, *, webhooks: bool = True) -> None:
+    """Every message the bot wrote, through a webhook or as itself, pings nobody."""
+    writes = [r for r in message_writes(env) if r.json and "content" in r.json]
+    assert writes and all(r.json["allowed_mentions"]["parse"] == [] for r in writes)
+    assert any(r.path.startswith("/webhooks/") for r in writes) is webhooks
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 # --- names ------------------------------------------------------------------------------------------
@@ -124,8 +116,7 @@ async def test_a_reply_speaks_through_the_characters_webhook_with_its_name_and_a
 ) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY, token_delay=0.004)) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
-        voices = speak_as(t.bot)
+        mira = await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "Is the bridge safe?")
         reply = tavern.channel.last_message
         assert reply.content == REPLY and reply.webhook_id is not None
@@ -134,11 +125,13 @@ async def test_a_reply_speaks_through_the_characters_webhook_with_its_name_and_a
         [create] = requests(t.env, "POST", f"/channels/{tavern.channel.id}/webhooks")
         assert create.json["name"] == "Mira"
         uploaded = create.json["avatar"]
-        assert uploaded.startswith("data:image/png;base64,") and base64.b64decode(uploaded.split(",", 1)[1]) == PNG
+        assert uploaded == data_uri(await t.bot.repo.get_avatar(mira.id) or b"")  # the card's portrait
         assert hooks.avatars[reply.webhook_id] == uploaded
-        [record] = voices.store.records.values()
-        assert (record.channel_id, record.persona_id, record.webhook_id, record.avatar_sha) == (
-            tavern.channel.id, MIRA.id, reply.webhook_id, "sha-1")
+        record = await t.bot.repo.get_character_webhook(tavern.channel.id, mira.id)
+        assert record is not None
+        assert (record.channel_id, record.persona_id, record.webhook_id) == (tavern.channel.id, mira.id,
+                                                                             reply.webhook_id)
+        assert await t.bot.repo.character_webhook_ids() == {reply.webhook_id}
         assert reply.webhook_id in t.bot.intake.own_webhook_ids
 
         # Streaming edits go through the webhook's message; nothing is posted or edited as the bot.
@@ -147,9 +140,10 @@ async def test_a_reply_speaks_through_the_characters_webhook_with_its_name_and_a
         assert not requests(t.env, "PATCH", f"/channels/{tavern.channel.id}/messages")
         assert [m for m in tavern.channel.history() if m.author.bot and m.webhook_id is None] == []
         [_, turn] = await stored_turns(t, tavern.channel)
-        assert turn.content == REPLY and turn.message_ids == (reply.id,)
+        assert (turn.content, turn.author_name, turn.character_id) == (REPLY, "Mira", mira.id)
+        assert turn.message_ids == (reply.id,)
         assert buttons(reply) == [REGENERATE_ID, CONTINUE_ID]
-        assert_no_mentions_on_webhooks(t.env)
+        assert_no_mentions(t.env)
 
         # The next reply reuses the webhook and takes the buttons off the previous one through it.
         await tavern.bob.send(tavern.channel, "And the river?")
@@ -158,28 +152,36 @@ async def test_a_reply_speaks_through_the_characters_webhook_with_its_name_and_a
         assert len(requests(t.env, "POST", f"/channels/{tavern.channel.id}/webhooks")) == 1
         first_now = next(m for m in tavern.channel.history() if m.id == reply.id)
         assert buttons(first_now) == [] and buttons(second) == [REGENERATE_ID, CONTINUE_ID]
+        assert_no_mentions(t.env)
 
 
 async def test_the_buttons_on_a_webhook_reply_reach_the_bot(db_url: str) -> None:
     backend = FakeBackend(iter_replies("First words.", "Second thoughts.", " And more."))
     async with bot_env(db_url, backend=backend) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
-        speak_as(t.bot)
+        await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "Speak.")
         reply = tavern.channel.last_message
         assert reply.webhook_id is not None and buttons(reply) == [REGENERATE_ID, CONTINUE_ID]
 
         await tavern.bob.click(reply, custom_id=REGENERATE_ID)
         again = next(m for m in tavern.channel.history() if m.id == reply.id)
-        assert again.content == "Second thoughts." and buttons(again) == [REGENERATE_ID, CONTINUE_ID]
+        # Regenerate keeps the first version as a swipe: ◀ 2/2 ▶ comes under the buttons.
+        assert again.content == "Second thoughts." and buttons(again) == [REGENERATE_ID, CONTINUE_ID, *SWIPE_IDS]
+        assert again.webhook_id == reply.webhook_id
         await tavern.alice.click(again, custom_id=CONTINUE_ID)
         longer = next(m for m in tavern.channel.history() if m.id == reply.id)
         assert longer.content == "Second thoughts. And more."
+        assert buttons(longer) == [REGENERATE_ID, CONTINUE_ID, *SWIPE_IDS]
         [_, turn] = await stored_turns(t, tavern.channel)
         assert turn.content == "Second thoughts. And more." and turn.message_ids == (reply.id,)
         assert len([m for m in tavern.channel.history() if m.author.bot]) == 1
-        assert_no_mentions_on_webhooks(t.env)
+        # Every edit went through the webhook, which alone can edit its message.
+        assert not requests(t.env, "PATCH", f"/channels/{tavern.channel.id}/messages")
+        assert_no_mentions(t.env)
+
+
+SWIPE_IDS = ("tavernkeep:swipe_prev", "tavernkeep:swipe_count", "tavernkeep:swipe_next")
 
 
 def iter_replies(*replies: str) -> Callable[[str], str]:
@@ -199,8 +201,7 @@ async def test_deleting_one_part_of_a_webhook_reply_removes_the_rest_through_the
         tavern = tavern_guild(t.env)
         moderator = tavern.guild.create_role("Mod", permissions=discord.Permissions(manage_messages=True))
         mod = tavern.guild.add_member(t.env.create_user("Moderator"), roles=[moderator])
-        await start_session(t, tavern)
-        speak_as(t.bot)
+        await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "Tell me a tale.")
         first, second = [m for m in tavern.channel.history() if m.webhook_id is not None]
         await mod.delete(first)
@@ -218,9 +219,8 @@ async def test_in_a_thread_the_parents_webhook_posts_into_the_thread(db_url: str
         forum = tavern.guild.create_forum_channel("stories")
         post = simcord.ChannelHandle(t.env, tavern.guild, t.env.backend.create_thread(forum.id, "Quest", tavern.bob.id))
         await t.env.settle()
-        await start_session(t, tavern, channel=thread)
-        await start_session(t, tavern, channel=post)
-        speak_as(t.bot)
+        mira = await start_with_mira(t, tavern, channel=thread)
+        await start_with_mira(t, tavern, channel=post)
         for place, parent in ((thread, tavern.channel), (post, forum)):
             await tavern.alice.send(place, "Psst.")
             reply = place.last_message
@@ -232,15 +232,18 @@ async def test_in_a_thread_the_parents_webhook_posts_into_the_thread(db_url: str
             edits = requests(t.env, "PATCH", f"/webhooks/{reply.webhook_id}/")
             assert sends and edits and all(int(r.params["thread_id"]) == place.id for r in sends + edits)
             assert not [m for m in parent.history() if m.webhook_id == reply.webhook_id]
+            # The webhook belongs to the parent channel, the thread has none of its own.
+            record = await t.bot.repo.get_character_webhook(parent.id, mira.id)
+            assert record is not None and record.webhook_id == reply.webhook_id
+            assert await t.bot.repo.get_character_webhook(place.id, mira.id) is None
         assert not requests(t.env, "POST", f"/channels/{thread.id}/webhooks")
-        assert_no_mentions_on_webhooks(t.env)
+        assert_no_mentions(t.env)
 
 
 async def test_a_webhook_deleted_by_a_moderator_is_created_again_once(db_url: str) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY)) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
-        voices = speak_as(t.bot)
+        mira = await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "One.")
         first = tavern.channel.last_message
         t.env.backend.delete_webhook(first.webhook_id)  # a moderator removes it in the channel settings
@@ -249,9 +252,12 @@ async def test_a_webhook_deleted_by_a_moderator_is_created_again_once(db_url: st
         await tavern.alice.send(tavern.channel, "Two.")
         second = tavern.channel.last_message
         assert second.content == REPLY and second.webhook_id not in (None, first.webhook_id)
+        assert second.author.display_name == "Mira"
         assert len(requests(t.env, "POST", f"/channels/{tavern.channel.id}/webhooks")) == 2
         assert len(requests(t.env, "POST", f"/webhooks/{first.webhook_id}/")) == 2  # 1st reply, then the 404
-        assert [r.webhook_id for r in voices.store.records.values()] == [second.webhook_id]
+        assert await t.bot.repo.character_webhook_ids() == {second.webhook_id}
+        record = await t.bot.repo.get_character_webhook(tavern.channel.id, mira.id)
+        assert record is not None and record.webhook_id == second.webhook_id
         [*_, turn] = await stored_turns(t, tavern.channel)
         assert turn.content == REPLY and turn.message_ids == (second.id,)
         assert buttons(second) == [REGENERATE_ID, CONTINUE_ID]
@@ -260,9 +266,10 @@ async def test_a_webhook_deleted_by_a_moderator_is_created_again_once(db_url: st
 async def test_a_webhook_deleted_while_a_reply_streams_gets_the_reply_posted_anew(db_url: str) -> None:
     async with bot_env(db_url) as t:
         tavern = tavern_guild(t.env)
+        mira = character_of(await store_character(t.bot.repo, tavern.guild.id))
         channel = t.bot.get_channel(tavern.channel.id)
-        voices = speak_as(t.bot)
-        poster = await voices.poster(channel, MIRA)
+        assert isinstance(channel, discord.TextChannel)
+        poster = await t.bot.replies.poster_for(channel, mira)
         assert isinstance(poster, WebhookPoster)
         target = ReplyMessages(poster, set())
         await target.show("The first")
@@ -274,6 +281,7 @@ async def test_a_webhook_deleted_while_a_reply_streams_gets_the_reply_posted_ane
         assert new != old
         assert t.env.backend.get_message(tavern.channel.id, new).content == "The first words, all of them."
         assert len(requests(t.env, "POST", f"/channels/{tavern.channel.id}/webhooks")) == 2
+        assert await t.bot.repo.character_webhook_ids() == {poster.webhook.id}
 
 
 async def test_without_manage_webhooks_the_bot_speaks_with_the_name_in_bold_and_tips_admins_once(
@@ -288,8 +296,7 @@ async def test_without_manage_webhooks_the_bot_speaks_with_the_name_in_bold_and_
             "no-hooks", overwrites={me: discord.PermissionOverwrite(manage_webhooks=False)}
         )
         await t.env.settle()
-        await start_session(t, tavern, channel=channel)
-        speak_as(t.bot)
+        await start_with_mira(t, tavern, channel=channel)
         for said in ("One.", "Two.", "Three."):
             await tavern.alice.send(channel, said)
         bot_posts = [m for m in channel.history() if m.author.bot]
@@ -301,8 +308,11 @@ async def test_without_manage_webhooks_the_bot_speaks_with_the_name_in_bold_and_
         assert all(m.webhook_id is None for m in replies)
         assert buttons(replies[-1]) == [REGENERATE_ID, CONTINUE_ID] and buttons(replies[1]) == []
         model_turns = [turn for turn in await stored_turns(t, channel) if turn.role is Role.MODEL]
+        assert len(model_turns) == 3
         assert all(turn.content == "x" * 1995 and "Mira" not in turn.content for turn in model_turns)
         assert not requests(t.env, "POST", f"/channels/{channel.id}/webhooks")
+        assert await t.bot.repo.character_webhook_ids() == set()
+        assert_no_mentions(t.env, webhooks=False)
 
 
 async def test_at_the_webhook_limit_the_bot_speaks_and_says_why_once(db_url: str, caplog) -> None:
@@ -310,13 +320,13 @@ async def test_at_the_webhook_limit_the_bot_speaks_and_says_why_once(db_url: str
         tavern = tavern_guild(t.env)
         for n in range(MAX_WEBHOOKS_PER_CHANNEL):
             t.env.backend.create_webhook(tavern.channel.id, f"Other {n}", tavern.admin.id)
-        await start_session(t, tavern)
-        speak_as(t.bot)
+        await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "One.")
         await tavern.alice.send(tavern.channel, "Two.")
         bot_posts = [m for m in tavern.channel.history() if m.author.bot]
         assert [m.content for m in bot_posts] == [LIMIT_NOTICE, "**Mira**\n" + REPLY, "**Mira**\n" + REPLY]
         assert sum("webhook limit" in r.getMessage() for r in caplog.records if r.levelname == "WARNING") == 1
+        assert await t.bot.repo.character_webhook_ids() == set()
 
 
 async def test_a_renamed_character_with_a_new_avatar_edits_its_webhook(
@@ -324,31 +334,61 @@ async def test_a_renamed_character_with_a_new_avatar_edits_its_webhook(
 ) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY)) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
-        store = DictStore()
-        speak_as(t.bot, MIRA, store)
+        await start_with_mira(t, tavern)
+        bram = await store_character(t.bot.repo, tavern.guild.id, "Bram", RED)
+        await tavern.admin.slash(tavern.channel, "character add", name="Bram")
+        await tavern.alice.slash(tavern.channel, "character speak", name="Bram")
+        reply = tavern.channel.last_message
+        hook_id = reply.webhook_id
+        assert reply.author.display_name == "Bram" and hook_id is not None
+        record = await t.bot.repo.get_character_webhook(tavern.channel.id, bram.id)
+        assert record is not None and (record.webhook_id, record.avatar_sha) == (hook_id, bram.avatar_sha)
+
+        # A new look, then a new process (nothing cached): the stored webhook is edited, not replaced.
+        card = character_card("Bram the Discord Bard", BLUE)
+        renamed = await t.bot.repo.update_persona(tavern.guild.id, "Bram", card.description,
+                                                  card=cards.stored_json(card), avatar=card.avatar,
+                                                  new_name="Bram the Discord Bard")
+        assert renamed is not None and renamed.avatar_sha not in (None, bram.avatar_sha)
+        await t.restart()
+        await tavern.alice.slash(tavern.channel, "character speak", name="Bram the Discord Bard")
+        reply = tavern.channel.last_message
+        assert reply.webhook_id == hook_id and reply.author.display_name == "Bram the Discоrd Bard"
+        [edit] = [r for r in t.env.http_requests if r.method == "PATCH" and r.path == f"/webhooks/{hook_id}"]
+        assert edit.json["name"] == "Bram the Discоrd Bard"
+        assert edit.json["avatar"] == data_uri(card.avatar or b"") and hooks.avatars[hook_id] == edit.json["avatar"]
+        record = await t.bot.repo.get_character_webhook(tavern.channel.id, bram.id)
+        assert record is not None and (record.webhook_id, record.avatar_sha) == (hook_id, renamed.avatar_sha)
+        assert t.env.backend.webhooks[hook_id].name == "Bram the Discоrd Bard"
+        assert len(requests(t.env, "POST", f"/channels/{tavern.channel.id}/webhooks")) == 1
+        assert hook_id in t.bot.intake.own_webhook_ids  # the fresh bot knows it from the database
+
+
+@pytest.mark.xfail(strict=True, reason="the session's main character is built without its avatar_sha "
+                   "(ChannelSession has none), so its webhook never learns of a new avatar")
+async def test_a_new_avatar_of_the_main_character_reaches_its_webhook(db_url: str, hooks: WebhookParity) -> None:
+    async with bot_env(db_url, backend=FakeBackend(REPLY)) as t:
+        tavern = tavern_guild(t.env)
+        mira = await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "Hi.")
         hook_id = tavern.channel.last_message.webhook_id
-        # A new process (nothing cached) and a new look: the stored webhook is edited, not replaced.
-        speak_as(t.bot, replace(MIRA, name="Mira the Discord Bard", avatar_sha="sha-2"), store)
+        record = await t.bot.repo.get_character_webhook(tavern.channel.id, mira.id)
+        assert record is not None and record.avatar_sha == mira.avatar_sha
+        card = character_card("Mira", BLUE)
+        await t.bot.repo.update_persona(tavern.guild.id, "Mira", card.description, avatar=card.avatar)
         await tavern.alice.send(tavern.channel, "Hi again.")
-        reply = tavern.channel.last_message
-        assert reply.webhook_id == hook_id and reply.author.display_name == "Mira the Discоrd Bard"
         [edit] = [r for r in t.env.http_requests if r.method == "PATCH" and r.path == f"/webhooks/{hook_id}"]
-        assert edit.json["name"] == "Mira the Discоrd Bard"
-        assert hooks.avatars[hook_id] == edit.json["avatar"]
-        assert store.records[(tavern.channel.id, MIRA.id)].avatar_sha == "sha-2"
-        assert t.env.backend.webhooks[hook_id].name == "Mira the Discоrd Bard"
+        assert edit.json["avatar"] == data_uri(card.avatar or b"") == hooks.avatars[hook_id]
 
 
 async def test_the_bot_ignores_its_own_webhooks_but_answers_proxies(db_url: str) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY)) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
-        speak_as(t.bot)
+        await start_with_mira(t, tavern)
         await tavern.alice.send(tavern.channel, "Hello.")
         own = tavern.channel.last_message
         assert own.webhook_id in t.bot.intake.own_webhook_ids
+        assert own.webhook_id in await t.bot.repo.character_webhook_ids()
         replay(t.env, own, id=str(own.id + 1000))  # the webhook's MESSAGE_CREATE again, as a new message
         await t.env.settle()
         assert len(await stored_turns(t, tavern.channel)) == 2
@@ -359,19 +399,29 @@ async def test_the_bot_ignores_its_own_webhooks_but_answers_proxies(db_url: str)
         await hook.send("Hi, Mira!", username="Lyra (Alice)")
         turns = await stored_turns(t, tavern.channel)
         assert [(turn.role, turn.author_name, turn.content) for turn in turns[2:]] == [
-            (Role.USER, "Lyra (Alice)", "Hi, Mira!"), (Role.MODEL, "", REPLY)]
+            (Role.USER, "Lyra (Alice)", "Hi, Mira!"), (Role.MODEL, "Mira", REPLY)]
+        answer = tavern.channel.last_message
+        assert answer.content == REPLY and answer.webhook_id == own.webhook_id
+        assert hook.id not in t.bot.intake.own_webhook_ids
 
 
 async def test_posting_as_the_bot_stays_the_default_without_a_character(db_url: str) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY)) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
-        speak_as(t.bot, None)
+        # A session of plain persona text, no stored character (as sessions from before characters are).
+        await t.bot.repo.start_session(channel_key(tavern.channel.id), guild_id=tavern.guild.id,
+                                       persona_text="Mira is a ranger.")
         await tavern.alice.send(tavern.channel, "Hello.")
         reply = tavern.channel.last_message
         assert reply.content == REPLY and reply.webhook_id is None
         assert not requests(t.env, "POST", f"/channels/{tavern.channel.id}/webhooks")
-        assert isinstance(await t.bot.replies.poster_for(t.bot.get_channel(tavern.channel.id), None), BotPoster)
+        channel = t.bot.get_channel(tavern.channel.id)
+        assert isinstance(channel, discord.TextChannel)
+        assert isinstance(await t.bot.replies.poster_for(channel, None), BotPoster)
+        plain = Character(None, "Mira", cards.card_from_text("Mira", "Mira is a ranger."))
+        poster = await t.bot.replies.poster_for(channel, plain)
+        assert isinstance(poster, BotPoster) and poster.prefix == ""
+        assert_no_mentions(t.env, webhooks=False)
 
 
 # --- discord.py's HTTP client -----------------------------------------------------------------------
@@ -385,6 +435,8 @@ class LoopbackDiscord:
 
     calls: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     webhooks: dict[int, str] = field(default_factory=dict)
+    avatars: dict[int, str | None] = field(default_factory=dict)
+    writes: list[tuple[str, dict]] = field(default_factory=list)  # (method, body) of webhook messages
     deleted: set[int] = field(default_factory=set)
     messages: dict[int, str] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(9000))
@@ -416,6 +468,7 @@ class LoopbackDiscord:
         if request.method == "POST" and path == f"/channels/{CHANNEL}/webhooks":
             webhook_id = next(self._ids)
             self.webhooks[webhook_id] = f"token-{webhook_id}"
+            self.avatars[webhook_id] = body.get("avatar")
             return as_json(self.webhook(webhook_id))
         parts = path.strip("/").split("/")
         if parts[0] == "webhooks":
@@ -429,6 +482,7 @@ class LoopbackDiscord:
                 return web.Response(status=204)
             if "content" in body:
                 self.messages[message_id] = body["content"]
+                self.writes.append((request.method, body))
             return as_json(self.message(message_id, self.messages.get(message_id, ""), webhook_id))
         message_id = next(self._ids) if request.method == "POST" else int(parts[-1])
         self.messages[message_id] = body.get("content", "")
@@ -457,7 +511,8 @@ async def loopback(db_url: str, monkeypatch: pytest.MonkeyPatch, server: Loopbac
     try:
         await bot._async_setup_hook()
         await bot.http.static_login("not-a-real-token")
-        session = await bot.repo.start_session(channel_key(THREAD), persona_text="Mira is a ranger.")
+        mira = await store_character(bot.repo, GUILD)
+        session = await bot.repo.start_session(channel_key(THREAD), guild_id=GUILD, persona_id=mira.id)
         await bot.service.add_user_turn(session, Speaker(7, "Alice"), "Is the bridge safe?", message_id=77)
         yield bot
     finally:
@@ -498,8 +553,9 @@ async def test_webhook_sends_carry_thread_and_wait_and_a_dead_webhook_is_recreat
     server = LoopbackDiscord()
     async with loopback(db_url, monkeypatch, server) as bot:
         thread = thread_in_guild(bot)
-        voices = speak_as(bot)
-        # The first reply creates the webhook; then a moderator deletes it.
+        mira = await bot.repo.get_persona(GUILD, "Mira")
+        assert mira is not None
+        # The first reply creates the webhook (with the card's portrait); then a moderator deletes it.
         bot.replies.request_reply(thread, None)
         await bot.replies.drain(30)
         [dead] = server.webhooks
@@ -517,7 +573,14 @@ async def test_webhook_sends_carry_thread_and_wait_and_a_dead_webhook_is_recreat
         # The first reply, the send refused with 404/10015, and exactly one retry through the new webhook.
         assert [int(path.split("/")[2]) for path, _ in sends] == [dead, dead, alive]
         assert all(query["thread_id"] == str(THREAD) and query["wait"] in ("1", "true") for _, query in sends)
-        assert [r.webhook_id for r in voices.store.records.values()] == [alive]
+        portrait = data_uri(await bot.repo.get_avatar(mira.id) or b"")
+        assert server.avatars == {dead: portrait, alive: portrait}
+        # Every message written through a webhook is Mira's, and pings nobody.
+        assert server.writes and all(body["username"] == "Mira" for method, body in server.writes if method == "POST")
+        assert all(body["allowed_mentions"] == {"parse": []} for _, body in server.writes)
+        assert await bot.repo.character_webhook_ids() == {alive}
+        record = await bot.repo.get_character_webhook(CHANNEL, mira.id)
+        assert record is not None and record.webhook_id == alive
         session = await bot.repo.get_active_session(channel_key(THREAD))
         turns = await bot.repo.recent_turns(session.id, 10)
         assert [turn.content for turn in turns if turn.role is Role.MODEL] == [REPLY, REPLY]

@@ -95,9 +95,10 @@ class FakeDiscord:
 
 @asynccontextmanager
 async def loopback_bot(
-    db_url: str, monkeypatch: pytest.MonkeyPatch, server: FakeDiscord
+    db_url: str, monkeypatch: pytest.MonkeyPatch, server: FakeDiscord, reply: str = REPLY
 ) -> AsyncIterator[TavernBot]:
-    """The real bot, logged in over HTTP to `server` on 127.0.0.1, with a session and one message to answer."""
+    """The real bot, logged in over HTTP to `server` on 127.0.0.1, with a session and one message to answer
+    (with `reply`)."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
     runner = web.AppRunner(app)
@@ -108,7 +109,7 @@ async def loopback_bot(
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
     settings = Settings.model_validate({"discord": {"api_base_url": f"http://127.0.0.1:{port}/api/v10"}})
     database = await Database.open(db_url)
-    engine = fake_engine(FakeBackend(REPLY, token_delay=0.01))
+    engine = fake_engine(FakeBackend(reply, token_delay=0.01))
     await engine.start()
     bot = create_bot(settings, engine=engine, database=database, edit_interval=0.0, reply_delay=0)
     try:
@@ -174,10 +175,13 @@ async def test_a_server_error_on_the_final_edit_is_retried_by_discord_py(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = FakeDiscord()
-    async with loopback_bot(db_url, monkeypatch, server) as bot:
+    # The first token must show at once: a reply opening with "T" is held back while it could still be
+    # the nameless persona's echoed name ("the character:"), and the next update would come 60 s later.
+    reply = "Step where the planks are dark; the bridge sways, but it holds."
+    async with loopback_bot(db_url, monkeypatch, server, reply) as bot:
         bot.replies.edit_interval = 60.0  # only the first post streams; the final edit must land
         server.fail[("PATCH", "messages")] = [Failure(502)]
         await reply_once(bot)
-        assert server.count("PATCH") == 2  # the 502, then discord.py's own retry a second later
-        assert list(server.messages.values()) == [REPLY]
-        assert await stored_reply(bot) == (REPLY, TurnStatus.COMPLETE)
+        assert server.count("POST") == 1 and server.count("PATCH") == 2  # the 502, then discord.py's retry
+        assert list(server.messages.values()) == [reply]
+        assert await stored_reply(bot) == (reply, TurnStatus.COMPLETE)

@@ -112,13 +112,16 @@ async def test_a_proxied_message_is_stored_once_as_the_character_and_answered_on
         turns = await stored_turns(t, tavern.channel)
         assert [(turn.role, turn.author_name, turn.content) for turn in turns] == [
             (Role.USER, "Kira (Alice)", "I step out of the shadows."),
-            (Role.MODEL, "", "You said: Kira (Alice): I step out of the shadows."),
+            (Role.MODEL, "Mira", "You said: Kira (Alice): I step out of the shadows."),
             (Role.USER, "Jun (Alice)", "Me too!"),
-            (Role.MODEL, "", "You said: Jun (Alice): Me too!"),
+            (Role.MODEL, "Mira", "You said: Jun (Alice): Me too!"),
         ]
-        assert [m.content for m in bot_messages(tavern.channel) if m.webhook_id is None] == [
+        # The replies speak through Mira's webhook (the bot's own); the proxy's reposts are the users'.
+        own = t.bot.intake.own_webhook_ids
+        assert [m.content for m in bot_messages(tavern.channel) if m.webhook_id in own] == [
             "You said: Kira (Alice): I step out of the shadows.", "You said: Jun (Alice): Me too!"
         ]
+        assert hook.id not in own and [m for m in bot_messages(tavern.channel) if m.webhook_id is None] == []
         assert len(t.backend.prompts) == 2
 
 

@@ -11,6 +11,7 @@ locked": `tests/test_persistence.py::test_concurrent_writers_do_not_lock` and
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import logging
 import sqlite3
@@ -20,6 +21,8 @@ from typing import Any
 import discord
 import pytest
 import simcord
+from simcord.backend.models import Overwrite
+from simcord.enums import OverwriteType
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
@@ -161,7 +164,8 @@ async def test_streaming_edits_back_off_while_discord_refuses_them(
         t.bot.replies.edit_interval = 0.01
         tavern = tavern_guild(t.env)
         await start_session(t, tavern)
-        t.env.inject_error("PATCH", f"/channels/{tavern.channel.id}/messages/*", status=503, times=4)
+        # The reply streams through Mira's webhook: its message edits are the ones refused.
+        t.env.inject_error("PATCH", "/webhooks/*/*/messages/*", status=503, times=4)
         with caplog.at_level(logging.INFO, logger="bot.discord_front.replies"):
             await tavern.alice.send(tavern.channel, "Is a storm coming?")
         skipped = [r.created for r in caplog.records if r.getMessage().startswith("skipped a streaming edit")]
@@ -170,7 +174,10 @@ async def test_streaming_edits_back_off_while_discord_refuses_them(
         for failures, (before, after) in enumerate(itertools.pairwise(skipped), start=1):
             assert after - before >= 0.01 * 2**failures * 0.99, (failures, after - before)
         reply = tavern.channel.last_message
-        assert reply.content == story.strip()
+        assert reply.content == story.strip() and reply.webhook_id in t.bot.intake.own_webhook_ids
+        refused = [r for r in t.env.http_requests if r.method == "PATCH"
+                   and r.path.startswith(f"/webhooks/{reply.webhook_id}/") and r.path.endswith(f"/messages/{reply.id}")]
+        assert len(refused) > 4  # the 4 refused edits, then at least the final one landed
         [_, turn] = await stored_turns(t, tavern.channel)
         assert turn.status is TurnStatus.COMPLETE and turn.content == story.strip()
         assert turn.message_ids == (reply.id,)
@@ -181,19 +188,25 @@ async def test_failed_sends_are_skipped_and_a_lasting_failure_is_explained(db_ur
     async with bot_env(db_url, backend=backend) as t:
         tavern = tavern_guild(t.env)
         await start_session(t, tavern)
-        posts = f"/channels/{tavern.channel.id}/messages"
+        # The reply is posted by executing Mira's webhook (created on the first reply).
+        posts = "/webhooks/*/*"
 
         # A 5xx on the first post (discord.py retries only 500, 502, 504 and 524 itself): streaming
         # skips it and the final post puts the reply up exact.
         t.env.inject_error("POST", posts, status=503, times=1)
         await tavern.alice.send(tavern.channel, "Which way?")
         assert [m.content for m in bot_messages(tavern.channel)] == ["Keep to the shore."]
+        hook_id = tavern.channel.last_message.webhook_id
+        assert hook_id in t.bot.intake.own_webhook_ids
+        executes = [r for r in t.env.http_requests if r.method == "POST" and r.path.startswith(f"/webhooks/{hook_id}/")]
+        assert len(executes) == 2  # the refused streaming post, then the final one
 
         # 503 on both tries of the only post (the streaming one, then the final one): the user is told.
         t.bot.replies.edit_interval = 60.0
-        t.env.inject_error("POST", posts, status=503, times=2)
+        t.env.inject_error("POST", f"/webhooks/{hook_id}/*", status=503, times=2)
         await tavern.bob.send(tavern.channel, "And then?")
         assert tavern.channel.last_message.content == DISCORD_TROUBLE_NOTICE.format(status=503)
+        assert tavern.channel.last_message.webhook_id is None  # the notice comes from the bot itself
         turns = await stored_turns(t, tavern.channel)
         assert [(turn.role, turn.content) for turn in turns[2:]] == [(Role.USER, "And then?")]  # nothing half-stored
 
@@ -203,19 +216,40 @@ async def test_failed_sends_are_skipped_and_a_lasting_failure_is_explained(db_ur
         assert t.backend.prompts[-1].endswith("<|user|>Bob: And then?\nBob: Hello?<|model|>")
 
 
+@pytest.mark.parametrize("refusal", ["permissions revoked", "webhook refused"])
 async def test_missing_permissions_pause_that_channel_and_the_others_go_on(
-    db_url: str, caplog: pytest.LogCaptureFixture
+    db_url: str, caplog: pytest.LogCaptureFixture, refusal: str
 ) -> None:
+    """"Missing permissions" with characters speaking through webhooks: either an admin takes Manage
+    Webhooks and Send Messages from the bot (it falls back to posting as itself, and Discord refuses
+    that), or Discord refuses the character webhook's execute with 403 / 50013."""
     async with bot_env(db_url) as t:
         tavern = tavern_guild(t.env)
         cellar = tavern.guild.create_text_channel("cellar")
         await start_session(t, tavern)
         await start_session(t, tavern, channel=cellar)
-        posts = f"/channels/{tavern.channel.id}/messages"
-        t.env.inject_error("POST", posts, status=403, code=50013, message="Missing Permissions", times=None)
+        await tavern.alice.send(tavern.channel, "Good evening.")
+        hook_id = tavern.channel.last_message.webhook_id
+        assert hook_id in t.bot.intake.own_webhook_ids  # all is well: the reply came through Mira's webhook
 
+        if refusal == "permissions revoked":
+            me = tavern.guild.me
+            assert me is not None
+            deny = discord.PermissionOverwrite(manage_webhooks=False, send_messages=False).pair()[1].value
+            t.env.backend.set_overwrite(tavern.channel.id, Overwrite(me.id, OverwriteType.MEMBER, 0, deny))
+            await t.env.settle()
+            refused = f"/channels/{tavern.channel.id}/messages"
+        else:
+            refused = f"/webhooks/{hook_id}/*"
+            t.env.inject_error("POST", refused, status=403, code=50013, message="Missing Permissions", times=None)
+
+        def tries() -> int:
+            return len([r for r in t.env.http_requests if r.method == "POST" and fnmatch.fnmatch(r.path, refused)])
+
+        before = tries()
         with caplog.at_level(logging.WARNING):
             await tavern.alice.send(tavern.channel, "Can you hear me?")
+        assert tries() > before  # the reply really went to the refused route
         session = await t.bot.repo.get_active_session(channel_key(tavern.channel.id))
         assert session is not None and not session.active
         [warning] = [
@@ -224,14 +258,17 @@ async def test_missing_permissions_pause_that_channel_and_the_others_go_on(
         assert f"channel {tavern.channel.id} (#roleplay" in warning.getMessage()
         assert "Missing Permissions" in warning.getMessage() and "paused" in warning.getMessage()
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [m.content for m in bot_messages(tavern.channel)] == ["You said: Alice: Good evening."]
 
         await tavern.bob.send(cellar, "Hello, cellar.")
         assert [m.content for m in bot_messages(cellar)] == ["You said: Bob: Hello, cellar."]
+        assert cellar.last_message.webhook_id in t.bot.intake.own_webhook_ids
 
-        tries = len([r for r in t.env.http_requests if r.method == "POST" and r.path == posts])
+        before = tries()
         await tavern.alice.send(tavern.channel, "Hello?")  # paused: neither stored nor answered
-        assert len([r for r in t.env.http_requests if r.method == "POST" and r.path == posts]) == tries
-        assert user_turns(await stored_turns(t, tavern.channel)) == [("Alice", "Can you hear me?")]
+        assert tries() == before
+        assert user_turns(await stored_turns(t, tavern.channel)) == [("Alice", "Good evening."),
+                                                                     ("Alice", "Can you hear me?")]
 
 
 # --- 5. the model fails or runs out of time --------------------------------------------------------
