@@ -71,6 +71,7 @@ import discord
 import simcord
 
 from bot.config import Settings
+from bot.core.scene import Character
 from bot.core.sessions import ChatService, ReplyStream
 from bot.discord_front.client import TavernBot, create_bot
 from bot.discord_front.keys import channel_key
@@ -320,8 +321,10 @@ class ReplyProbe:
             self._by_request[id(request)] = record
             return _TimedGeneration(generation, record)  # type: ignore[return-value]
 
-        async def noted_reply(session: ChannelSession, *, reserve: bool = False) -> ReplyStream:
-            stream = await reply(session, reserve=reserve)
+        async def noted_reply(
+            session: ChannelSession, *, reserve: bool = False, speaker: Character | None = None
+        ) -> ReplyStream:
+            stream = await reply(session, reserve=reserve, speaker=speaker)
             record = self._by_request.pop(id(stream.request), None)
             if record is not None:
                 record.covered = newest_user_texts(stream.conversation)
@@ -444,7 +447,7 @@ async def build_world(env: simcord.Env, bot: TavernBot, config: LoadConfig) -> W
     await bot.repo.create_persona(guild.id, PERSONA_NAME, PERSONA)
     channels = [guild.create_text_channel(f"scene-{index:02d}") for index in range(config.channels)]
     for channel in channels:
-        result = await admin.slash(channel, "session start", persona=PERSONA_NAME)
+        result = await admin.slash(channel, "session start", character=PERSONA_NAME)
         session = await bot.repo.get_active_session(channel_key(channel.id))
         if session is None or not session.active:
             response = result.response.content if result.response else None
@@ -566,11 +569,22 @@ def check_coverage(name: str, turns: list[Turn], sent: list[SentMessage], record
 
 
 def check_channel_view(
-    name: str, channel: simcord.ChannelHandle, turns: list[Turn], records: list[ReplyRecord], bot_id: int
+    name: str,
+    channel: simcord.ChannelHandle,
+    turns: list[Turn],
+    records: list[ReplyRecord],
+    bot_id: int,
+    webhook_ids: set[int],
 ) -> list[str]:
-    """The channel shows exactly the stored replies, one notice per empty generation, and nothing else."""
+    """The channel shows exactly the stored replies, one notice per empty generation, and nothing else.
+
+    The bot's messages are its own and those of its character webhooks (`webhook_ids`): replies are
+    posted through a character's webhook, notices by the bot.
+    """
     problems: list[str] = []
-    shown = {m.id: m.content for m in channel.history() if m.author.id == bot_id}
+    shown = {
+        m.id: m.content for m in channel.history() if m.author.id == bot_id or m.webhook_id in webhook_ids
+    }
     replies = [t for t in turns if t.role is Role.MODEL]
     reply_ids = {m for t in replies for m in t.message_ids}
     others = Counter(content for mid, content in shown.items() if mid not in reply_ids)
@@ -651,6 +665,7 @@ async def run_round(h: Harness, round_index: int) -> tuple[RoundFigures, Outcome
     figures: list[ChannelFigures] = []
     all_waits: list[float] = []
     assert h.bot.user is not None
+    webhook_ids = await h.bot.repo.character_webhook_ids()
     for channel in h.world.channels:
         name = f"#{channel.name}"
         key = channel_key(channel.id)
@@ -665,7 +680,7 @@ async def run_round(h: Harness, round_index: int) -> tuple[RoundFigures, Outcome
         coverage = check_coverage(name, turns, mine, records)
         outcome.violations += coverage.violations
         outcome.findings += coverage.findings
-        outcome.violations += check_channel_view(name, channel, turns, records, h.bot.user.id)
+        outcome.violations += check_channel_view(name, channel, turns, records, h.bot.user.id, webhook_ids)
 
         now = [m for m in sent if m.channel_id == channel.id]
         ids = {m.message_id for m in now}

@@ -7,8 +7,11 @@ database, engine, signal handlers, graceful shutdown); only the model and Discor
 child builds the world of `build_world`, starts a session, has Alice say something and prints JSON lines on stdout:
 
     {"event": "world", "guild": ..., "channel": ..., "alice": ...}   snowflakes of the world
-    {"event": "generating", "said": ID, "reply": ID}   the reply's first message is up and mapped to its turn
+    {"event": "generating", "said": ID, "reply": ID, "webhook": ID}
+                                                       the reply's first message is up and mapped to its
+                                                       turn; posted through the character's webhook
     {"event": "closed", "shown": [...]}                after a graceful shutdown: the bot's messages
+                                                       (its own and its webhooks')
 
 The test then kills it (SIGKILL) or asks it to stop (SIGTERM).
 """
@@ -29,7 +32,7 @@ import bot.__main__ as entry
 from bot import app
 from bot.discord_front.client import TavernBot
 from bot.discord_front.keys import channel_key
-from tests.discord_fixtures import close_signal
+from tests.discord_fixtures import bot_messages, close_signal
 from tests.fake_backend import FakeBackend, fake_engine
 from tests.simcord_webhooks import discord_webhooks
 
@@ -72,12 +75,12 @@ def emit(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-async def _first_reply_message(env: simcord.Env, bot: TavernBot, world: World) -> int:
+async def _first_reply_message(env: simcord.Env, bot: TavernBot, world: World) -> discord.Message:
     """Wait (real time, up to 20 s) until the reply's first message is posted and mapped to its turn."""
     for _ in range(1000):
-        for message in world.channel.history():
-            if message.author.id == env.backend.bot_user.id and await bot.repo.turn_by_message(message.id):
-                return message.id
+        for message in bot_messages(env, world.channel):
+            if await bot.repo.turn_by_message(message.id):
+                return message
         await asyncio.sleep(0.02)
     raise TimeoutError("the reply never started")
 
@@ -94,11 +97,10 @@ async def start_in_simcord(bot: TavernBot, _token: str) -> None:
             await bot.repo.start_session(channel_key(world.channel.id), guild_id=world.guild.id, persona_id=persona.id)
             # Not settled: the bot answers in the background while this process waits to be signalled.
             said = env.backend.create_message(world.channel.id, world.alice.id, SAID)
-            emit("generating", said=said.id, reply=await _first_reply_message(env, bot, world))
+            reply = await _first_reply_message(env, bot, world)
+            emit("generating", said=said.id, reply=reply.id, webhook=reply.webhook_id)
             await closed.wait()  # SIGTERM: `serve` shuts the bot down gracefully
-            emit("closed", shown=[m.content for m in world.channel.history() if m.author.bot])
-
-
+            emit("closed", shown=[m.content for m in bot_messages(env, world.channel)])
 
 
 def main(argv: list[str]) -> int:

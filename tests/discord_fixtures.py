@@ -31,6 +31,7 @@ __all__ = [
     "BotEnv",
     "Tavern",
     "bot_env",
+    "bot_messages",
     "message_writes",
     "replay",
     "start_session",
@@ -162,6 +163,14 @@ def message_writes(env: simcord.Env) -> list[simcord.HttpLogEntry]:
         ):
             out.append(request)
     return out
+
+
+def bot_messages(env: simcord.Env, channel: simcord.ChannelHandle) -> list[discord.Message]:
+    """The bot's messages in `channel`, oldest first: its own and those its characters posted through
+    webhooks the bot created (their author is the webhook, not the bot). Reads SimCord's backend."""
+    bot_id = env.backend.bot_user.id
+    hooks = {w.id for w in env.backend.webhooks.values() if w.creator_id == bot_id}
+    return [m for m in channel.history() if m.author.id == bot_id or m.webhook_id in hooks]
 
 
 def replay(env: simcord.Env, message: discord.Message, **changes: str) -> None:

@@ -30,9 +30,9 @@ from bot.config import Settings
 from bot.discord_front.client import create_bot
 from bot.discord_front.recovery import CRASH_NOTICE
 from persistence.database import Database
-from persistence.records import Role, TurnStatus
+from persistence.records import CharacterWebhook, Role, TurnStatus
 from tests.crash_child import SAID, STORY, build_world, placeholder_bot
-from tests.discord_fixtures import bot_env, start_session, stored_turns, tavern_guild
+from tests.discord_fixtures import bot_env, bot_messages, start_session, stored_turns, tavern_guild
 from tests.fake_backend import FakeBackend, fake_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,8 @@ def read_store(db_file: Path) -> tuple[str, list[StoredTurn]]:
 
 
 async def start_again(db_file: Path, settings: Settings, world_ids: dict[str, int], times: int) -> list[list[str]]:
-    """Start a new bot over the database `times` times; the bot's messages in the channel after each start."""
+    """Start a new bot over the database `times` times; the bot's messages in the channel after each
+    start, then the message look-ups and deletes of all the starts."""
     database = await Database.open(f"sqlite+aiosqlite:///{db_file}")
     engine = fake_engine(FakeBackend(FRESH_REPLY))
     await engine.start()
@@ -121,12 +122,14 @@ async def start_again(db_file: Path, settings: Settings, world_ids: dict[str, in
                 await env.restart_bot(create_bot(settings, engine=engine, database=database, edit_interval=0.05,
                                                   reply_delay=0))
                 await env.settle()
-                seen.append([m.content for m in world.channel.history() if m.author.bot])
-            deletes = [r.path for r in env.http_requests if r.method == "DELETE"]
+                seen.append([m.content for m in bot_messages(env, world.channel)])
+            # What the bots did to single messages: looked one up (GET) or deleted one.
+            touched = [f"{r.method} {r.path}" for r in env.http_requests
+                       if r.method == "DELETE" or (r.method == "GET" and "/messages/" in r.path)]
     finally:
         await engine.close(grace=0)
         await database.close()
-    seen.append(deletes)
+    seen.append(touched)
     return seen
 
 
@@ -139,6 +142,7 @@ def test_killed_mid_reply_leaves_a_sound_store_and_the_channel_is_answered_once(
         world = child.wait_for("world")
         started = child.wait_for("generating")
         assert child.send(signal.SIGKILL) == -signal.SIGKILL
+    assert started["webhook"] is not None, "the reply was not posted through the character's webhook"
 
     # The store as the crash left it: sound, the user's turn kept, the reply only reserved (empty,
     # interrupted) with the id of its half-written message.
@@ -151,10 +155,12 @@ def test_killed_mid_reply_leaves_a_sound_store_and_the_channel_is_answered_once(
 
     settings = Settings.model_validate({"discord": {"after_crash": after_crash}})
     world_ids = {k: v for k, v in world.items() if k != "event"}
-    first, second, deletes = asyncio.run(start_again(db_file, settings, world_ids, times=2))
+    first, second, touched = asyncio.run(start_again(db_file, settings, world_ids, times=2))
 
-    # The half-written message is taken down (here it is gone already: the world is new).
-    assert deletes == [f"/channels/{world['channel']}/messages/{started['reply']}"]
+    # The half-written message is taken down, once: the bot reads it to learn who posted it (only that
+    # webhook can delete it) and here finds it gone already (the world is new), so deletes nothing.
+    # `test_restart_takes_down_a_half_written_reply_and_answers_afresh` sees the delete itself.
+    assert touched == [f"GET /channels/{world['channel']}/messages/{started['reply']}"]
     integrity, turns = read_store(db_file)
     assert integrity == "ok"
     if after_crash == "reply":
@@ -174,6 +180,7 @@ def test_sigterm_mid_reply_exits_0_with_the_reply_stored(tmp_path: Path, grace: 
     with Child(db_file, grace=grace) as child:
         child.wait_for("world")
         started = child.wait_for("generating")
+        assert started["webhook"] is not None, "the reply was not posted through the character's webhook"
         assert child.send(signal.SIGTERM) == 0, child.stderr()
         shown = child.wait_for("closed")["shown"]
 
@@ -189,22 +196,37 @@ def test_sigterm_mid_reply_exits_0_with_the_reply_stored(tmp_path: Path, grace: 
         assert STORY.startswith(reply.content)
 
 
-async def test_restart_takes_down_a_half_written_reply_and_answers_afresh(db_url: str) -> None:
+@pytest.mark.parametrize("posted_by", ["webhook", "bot"])
+async def test_restart_takes_down_a_half_written_reply_and_answers_afresh(db_url: str, posted_by: str) -> None:
     """In one process, with the channel as users saw it when the bot died (the subprocess test above
-    cannot show that: its restarted world is new). The store is set up as the SIGKILL test finds it."""
+    cannot show that: its restarted world is new). The store is set up as the SIGKILL test finds it.
+    The half-written message was posted through the character's webhook (only that webhook can delete
+    it), or by the bot itself (a channel where it may not manage webhooks)."""
     async with bot_env(db_url, backend=FakeBackend(FRESH_REPLY)) as t:
         tavern = tavern_guild(t.env)
         session = await start_session(t, tavern)
+        repo = t.bot.repo
         # Posted while the bot was down (SimCord's backend, not public API: actors would deliver them).
         said = t.env.backend.create_message(tavern.channel.id, tavern.alice.id, SAID, broadcast=False)
-        half = t.env.backend.create_message(tavern.channel.id, t.bot.user.id, STORY[:20], broadcast=False)
-        repo = t.bot.repo
+        if posted_by == "webhook":
+            hook = t.env.backend.create_webhook(tavern.channel.id, "Mira", t.bot.user.id)
+            await repo.save_character_webhook(
+                CharacterWebhook(tavern.channel.id, session.persona_id, hook.id, hook.token))
+            half = t.env.backend.create_message(tavern.channel.id, hook.webhook_user_id, STORY[:20],
+                                                webhook_id=hook.id, author_name="Mira", broadcast=False)
+            taken_down = f"/webhooks/{hook.id}/{hook.token}/messages/{half.id}"
+        else:
+            half = t.env.backend.create_message(tavern.channel.id, t.bot.user.id, STORY[:20], broadcast=False)
+            taken_down = f"/channels/{tavern.channel.id}/messages/{half.id}"
         await repo.append_turn(session.id, Role.USER, SAID, author_id=tavern.alice.id, author_name="Alice",
                                message_ids=[said.id])
         await repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING, message_ids=[half.id])
 
         await t.restart()
-        assert [m.content for m in tavern.channel.history() if m.author.bot] == [FRESH_REPLY]
+        assert [r.path for r in t.env.http_requests if r.method == "DELETE"] == [taken_down]
+        shown = bot_messages(t.env, tavern.channel)
+        assert [m.content for m in shown] == [FRESH_REPLY]
+        assert shown[0].webhook_id is not None  # the fresh reply speaks through the character's webhook
         turns = await stored_turns(t, tavern.channel)
         assert [(turn.role, turn.status, turn.content) for turn in turns] == [
             (Role.USER, TurnStatus.COMPLETE, SAID), (Role.MODEL, TurnStatus.COMPLETE, FRESH_REPLY)

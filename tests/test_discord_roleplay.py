@@ -28,6 +28,7 @@ from bot.discord_front.replies import (
     REGENERATE_ID,
     split_message,
 )
+from bot.discord_front.replies.buttons import SWIPE_COUNT_ID, SWIPE_NEXT_ID, SWIPE_PREV_ID
 from bot.errors import GenerationFailed
 from bot.inference.local.llama import llama_engine
 from persistence.database import Database
@@ -42,6 +43,8 @@ from tests.discord_fixtures import (
     tavern_guild,
 )
 from tests.fake_backend import FakeBackend, fake_engine
+
+SWIPE_ROW = [SWIPE_PREV_ID, SWIPE_COUNT_ID, SWIPE_NEXT_ID]
 
 
 class Script:
@@ -75,6 +78,17 @@ def bot_messages(channel: simcord.ChannelHandle) -> list[discord.Message]:
 
 def buttons(message: discord.Message) -> list[str]:
     return [child.custom_id for row in message.components for child in row.children]  # type: ignore[union-attr]
+
+
+def rows(message: discord.Message) -> list[list[str]]:
+    """The custom ids of the message's buttons, row by row."""
+    return [[child.custom_id for child in row.children] for row in message.components]  # type: ignore[union-attr]
+
+
+def swipe_row_state(message: discord.Message) -> tuple[str, list[bool]]:
+    """The ◀ n/m ▶ row: the count's label and which of the three buttons are disabled."""
+    row = message.components[1].children  # type: ignore[union-attr]
+    return row[1].label, [child.disabled for child in row]  # type: ignore[union-attr]
 
 
 def edits_of(env: simcord.Env, message_id: int) -> list[simcord.HttpLogEntry]:
@@ -121,10 +135,11 @@ async def test_two_players_talk_and_replies_stream_and_persist(db_url: str) -> N
     script = Script("Well met, traveller. The road is long.", "Bob! Sit, the stew is hot tonight.")
     async with bot_env(db_url, backend=FakeBackend(script, token_delay=0.004)) as t:
         tavern = tavern_guild(t.env)
-        await start_session(t, tavern)
+        session = await start_session(t, tavern)
         await tavern.alice.send(tavern.channel, "Hello there, ranger!")
         first = tavern.channel.last_message
         assert first.author.bot and first.content == "Well met, traveller. The road is long."
+        assert first.webhook_id is not None and first.author.name == "Mira"  # the character's webhook
         assert len(edits_of(t.env, first.id)) >= 3, "the reply should stream in several edits"
         await tavern.bob.send(tavern.channel, "Mind if I join?")
         second = tavern.channel.last_message
@@ -134,12 +149,14 @@ async def test_two_players_talk_and_replies_stream_and_persist(db_url: str) -> N
         assert "Mira is a sharp-tongued elven ranger." in prompt
         assert "Alice: Hello there, ranger!" in prompt and "Bob: Mind if I join?" in prompt
         turns = await stored_turns(t, tavern.channel)
+        # Model turns carry the stored character who spoke.
         assert [(turn.role, turn.author_name, turn.content) for turn in turns] == [
             (Role.USER, "Alice", "Hello there, ranger!"),
-            (Role.MODEL, "", first.content),
+            (Role.MODEL, "Mira", first.content),
             (Role.USER, "Bob", "Mind if I join?"),
-            (Role.MODEL, "", second.content),
+            (Role.MODEL, "Mira", second.content),
         ]
+        assert turns[1].character_id == turns[3].character_id == session.persona_id
         assert turns[1].message_ids == (first.id,) and turns[3].message_ids == (second.id,)
         assert all(turn.status is TurnStatus.COMPLETE for turn in turns)
         # The typing indicator runs while the model writes; only the latest reply keeps its buttons.
@@ -238,7 +255,10 @@ async def test_regenerate_and_continue_rework_the_latest_reply(db_url: str) -> N
         reply = tavern.channel.last_message
         [old_turn] = [turn for turn in await stored_turns(t, tavern.channel) if turn.role is Role.MODEL]
 
-        # Anyone who can talk here may regenerate: new text in the same message, old turn replaced.
+        assert buttons(reply) == [REGENERATE_ID, CONTINUE_ID]  # one version: no swipe row yet
+
+        # Anyone who can talk here may regenerate: new text in the same message, shown in place of the
+        # old text, which is kept as an earlier version (a swipe) of the same turn.
         result = await tavern.bob.click(reply, custom_id=REGENERATE_ID)
         assert result.acknowledged and result.followups == []
         assert [m.id for m in bot_messages(tavern.channel)] == [reply.id]
@@ -248,14 +268,22 @@ async def test_regenerate_and_continue_rework_the_latest_reply(db_url: str) -> N
             (Role.USER, "I try the door."), (Role.MODEL, "The door creaks open.")
         ]
         assert turns[1].id == old_turn.id and turns[1].message_ids == (reply.id,)  # replaced in place
+        assert await t.bot.repo.swipes(old_turn.id) == ["The door is locked.", "The door creaks open."]
+        assert (turns[1].swipe, turns[1].swipe_count) == (1, 2)
         assert "The door is locked." not in t.backend.prompts[-1]
+        assert rows(tavern.channel.last_message) == [[REGENERATE_ID, CONTINUE_ID], SWIPE_ROW]
+        assert swipe_row_state(tavern.channel.last_message) == ("2/2", [False, True, True])
 
         await tavern.alice.click(tavern.channel.last_message, custom_id=CONTINUE_ID)
         assert tavern.channel.last_message.content == "The door creaks open. Beyond it, darkness."
         assert t.backend.prompts[-1].endswith("<|model|>The door creaks open.")
         [_, continued] = await stored_turns(t, tavern.channel)
         assert continued.id == turns[1].id and continued.content == "The door creaks open. Beyond it, darkness."
-        assert buttons(tavern.channel.last_message) == [REGENERATE_ID, CONTINUE_ID]
+        assert rows(tavern.channel.last_message) == [[REGENERATE_ID, CONTINUE_ID], SWIPE_ROW]
+        # Continue lengthens the version shown; the earlier one is kept as it was.
+        assert await t.bot.repo.swipes(old_turn.id) == [
+            "The door is locked.", "The door creaks open. Beyond it, darkness."
+        ]
         # The one view registered at start answers every click: discord.py keeps none per message.
         assert [key for key in t.bot._connection._view_store._views if key is not None] == []
 
