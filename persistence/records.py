@@ -65,6 +65,7 @@ class ChannelSession:
     created_at: datetime | None = None
     archived_at: datetime | None = None
     persona_card: str | None = None
+    persona_avatar_sha: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

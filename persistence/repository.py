@@ -79,6 +79,7 @@ def _session(row: ChannelSessionRow, persona: PersonaRow | None) -> ChannelSessi
         card = persona.card
     else:
         name, text, card = None, row.persona_text or "", None
+    avatar_sha = persona.avatar_sha if persona is not None else None
     return ChannelSession(
         id=row.id,
         channel_key=row.channel_key,
@@ -91,6 +92,7 @@ def _session(row: ChannelSessionRow, persona: PersonaRow | None) -> ChannelSessi
         created_at=row.created_at,
         archived_at=row.archived_at,
         persona_card=card,
+        persona_avatar_sha=avatar_sha,
     )
 
 

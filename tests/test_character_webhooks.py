@@ -364,8 +364,6 @@ async def test_a_renamed_character_with_a_new_avatar_edits_its_webhook(
         assert hook_id in t.bot.intake.own_webhook_ids  # the fresh bot knows it from the database
 
 
-@pytest.mark.xfail(strict=True, reason="the session's main character is built without its avatar_sha "
-                   "(ChannelSession has none), so its webhook never learns of a new avatar")
 async def test_a_new_avatar_of_the_main_character_reaches_its_webhook(db_url: str, hooks: WebhookParity) -> None:
     async with bot_env(db_url, backend=FakeBackend(REPLY)) as t:
         tavern = tavern_guild(t.env)

@@ -97,5 +97,7 @@ def test_all_cards_mode_keeps_the_head_the_same_whoever_speaks() -> None:
     assert len(heads) == 1
     (head,) = heads
     assert all(f"{c.name} is here." in head for c in CAST)
+    assert head.count("Enter roleplay mode.") == 1
+    assert head.startswith("Enter roleplay mode. You must act as Mira and Grim and Oda, whose persona follows:")
     speaker_only = {compose(scene(who, CAST), history, count_tokens=len).system for who in CAST}
     assert len(speaker_only) == 3

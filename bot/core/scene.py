@@ -98,22 +98,15 @@ def _story(scene: Scene, before: Sequence[str], after: Sequence[str]) -> str:
     """The system block: one card (the speaker's), or every card of the cast joined."""
     lore_before, lore_after = "\n".join(before), "\n".join(after)
     if scene.cards_in_prompt == "all" and scene.group:
+        # Every card, the main character's system prompt naming everyone: the same head whoever speaks.
         names = " and ".join(c.name for c in scene.cast)
-        parts = [
-            story.story_string(
-                system_prompt=c.card.system_prompt if index == 0 else "",
-                description=c.card.description, personality=c.card.personality, scenario=c.card.scenario,
-                lore_before=lore_before if index == 0 else "", lore_after="", user_persona="",
-                char=c.name, user=scene.user,
-            )
-            for index, c in enumerate(scene.cast)
-        ]
-        head = "\n".join(p for p in parts if p)
-        # The default system line names everyone, so the head is the same whoever speaks.
-        head = head.replace(macros.expand(story.DEFAULT_SYSTEM, char=scene.cast[0].name, user=scene.user),
-                            macros.expand(story.DEFAULT_SYSTEM, char=names, user=scene.user), 1)
-        tail = "\n".join(p for p in (lore_after, _expand(scene.user_persona, scene, names)) if p)
-        return "\n".join(p for p in (head, tail) if p)
+        lines = [story.system_line(scene.cast[0].card.system_prompt, char=names, user=scene.user), lore_before]
+        for c in scene.cast:
+            card = c.card
+            lines += story.card_lines(description=card.description, personality=card.personality,
+                                      scenario=card.scenario, char=c.name, user=scene.user)
+        lines += [lore_after, _expand(scene.user_persona, scene, names)]
+        return "\n".join(line.strip() for line in lines if line.strip())
     card = scene.speaker.card
     return story.story_string(
         system_prompt=card.system_prompt, description=card.description, personality=card.personality,

@@ -56,7 +56,8 @@ def main_character(session: ChannelSession) -> Character:
     """The session's main character: its stored card, or a card made from the plain persona text."""
     name = session.persona_name or "the character"
     card = cards.from_stored(session.persona_card, None) if session.persona_card else None
-    return Character(session.persona_id, name, card or cards.card_from_text(name, session.persona_text))
+    return Character(session.persona_id, name, card or cards.card_from_text(name, session.persona_text),
+                     session.persona_avatar_sha)
 
 
 def character_of(persona: Persona) -> Character:

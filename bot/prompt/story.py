@@ -12,7 +12,7 @@ import re
 from bot.prompt.builder import PromptTurn
 from bot.prompt.macros import expand
 
-__all__ = ["DEFAULT_SYSTEM", "example_turns", "post_history", "story_string"]
+__all__ = ["DEFAULT_SYSTEM", "card_lines", "example_turns", "post_history", "story_string", "system_line"]
 
 DEFAULT_SYSTEM = "Enter roleplay mode. You must act as {{char}}, whose persona follows:"
 
@@ -28,6 +28,26 @@ def _original(text: str, original: str) -> str:
     if len(parts) == 1:
         return text
     return parts[0] + original + "".join(parts[1:])
+
+
+def system_line(system_prompt: str, *, char: str, user: str) -> str:
+    """The card's `system_prompt` (`{{original}}` standing for the default), or `DEFAULT_SYSTEM`, macros filled."""
+    system = _original(system_prompt.strip(), DEFAULT_SYSTEM) if system_prompt.strip() else DEFAULT_SYSTEM
+    return expand(system, char=char, user=user).strip()
+
+
+def card_lines(*, description: str, personality: str, scenario: str, char: str, user: str) -> list[str]:
+    """A card's description, `{char}'s personality: …` and `Scenario: …`, the empty ones left out."""
+
+    def field(text: str) -> str:
+        return expand(text, char=char, user=user).strip()
+
+    lines = [
+        field(description),
+        f"{char}'s personality: {field(personality)}" if field(personality) else "",
+        f"Scenario: {field(scenario)}" if field(scenario) else "",
+    ]
+    return [line for line in lines if line]
 
 
 def story_string(
@@ -49,19 +69,12 @@ def story_string(
     line, empty ones left out. A card's own `system_prompt` replaces `DEFAULT_SYSTEM`, and
     `{{original}}` inside it stands for the default. Name macros are expanded in every field.
     """
-    system = _original(system_prompt.strip(), DEFAULT_SYSTEM) if system_prompt.strip() else DEFAULT_SYSTEM
-
-    def field(text: str) -> str:
-        return expand(text, char=char, user=user).strip()
-
     lines = [
-        field(system),
-        field(lore_before),
-        field(description),
-        f"{char}'s personality: {field(personality)}" if field(personality) else "",
-        f"Scenario: {field(scenario)}" if field(scenario) else "",
-        field(lore_after),
-        field(user_persona),
+        system_line(system_prompt, char=char, user=user),
+        expand(lore_before, char=char, user=user).strip(),
+        *card_lines(description=description, personality=personality, scenario=scenario, char=char, user=user),
+        expand(lore_after, char=char, user=user).strip(),
+        expand(user_persona, char=char, user=user).strip(),
     ]
     return "\n".join(line for line in lines if line)
 

@@ -551,6 +551,8 @@ class ChannelReplies:
                     elif isinstance(chunk, Started):
                         await notice.remove()
                     elif isinstance(chunk, Text) and time.perf_counter() >= next_edit:
+                        if not target.ids and not stream.text:
+                            continue  # nothing to show yet (a name being echoed): do not wait to show it
                         try:
                             await target.show(stream.text)
                             failures = 0
