@@ -306,3 +306,34 @@ async def test_a_whole_scene_on_the_demo_model(db_url, demo_model_path) -> None:
         after = (await stored_turns(t, tavern.channel))[-1]
         if after.swipe_count:
             assert (await t.bot.repo.swipes(after.id))[0] == before.content
+
+
+async def test_a_card_is_imported_from_a_link_and_private_addresses_are_refused(db_url) -> None:
+    from aiohttp import web
+
+    data = card_png("Linked", description="Linked came from a link.")
+
+    async def card(_request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/linked.png", card)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}/linked.png"
+    try:
+        async with bot_env(db_url) as t:
+            tavern = tavern_guild(t.env)
+            refused = await tavern.admin.slash(tavern.channel, "character import", url=url)
+            assert "private address" in answer(refused).content
+            assert await t.bot.repo.list_personas(tavern.guild.id) == []
+            t.bot.settings.characters.allow_private_urls = True  # an operator's own card server
+            said = answer(await tavern.admin.slash(tavern.channel, "character import", url=url)).content
+            assert said.startswith('Imported "Linked"'), said
+            both = await tavern.admin.slash(tavern.channel, "character import", url=url, file=("x.png", data))
+            assert answer(both).content == "Attach a card file or give a URL (one of them)."
+    finally:
+        await runner.cleanup()
