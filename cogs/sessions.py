@@ -131,7 +131,7 @@ class ConfirmReset(TavernView):
             content=f'History archived; the story starts over with "{name}".', view=None
         )
         if greeting is not None and isinstance(interaction.channel, ReplyChannel):
-            await self.bot.replies.post_greeting(interaction.channel, fresh, greeting)
+            self.bot.replies.post_greeting(interaction.channel, greeting.id)
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction, _button: discord.ui.Button[ConfirmReset]) -> None:

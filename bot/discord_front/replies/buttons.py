@@ -93,8 +93,9 @@ class ReplyButtons(TavernView):
             self.add_item(SwipeButton("swipe_next", disabled=shown >= count - 1))
 
     async def _press(self, interaction: discord.Interaction, kind: JobKind) -> None:
-        """Apply the per-member press limit, then queue the press behind the channel's replies."""
-        limited = self.replies.presses.check(interaction)
+        """Apply the per-member press limit (swipes cost no generation: only the channel's queue bounds
+        them), then queue the press behind the channel's replies."""
+        limited = None if kind in ("swipe_prev", "swipe_next") else self.replies.presses.check(interaction)
         if limited is None:
             await self.replies.on_button(interaction, kind)
             return

@@ -156,11 +156,10 @@ class ChannelReplies:
     async def after_start(self, channel: object, started: SessionStart) -> None:
         """Post the greeting a session start stored, if any."""
         if started.greeting is not None and isinstance(channel, ReplyChannel):
-            await self.post_greeting(channel, started.session, started.greeting)
+            self.post_greeting(channel, started.greeting)
 
-    async def post_greeting(self, channel: ReplyChannel, session: ChannelSession, turn_id: int) -> None:
+    def post_greeting(self, channel: ReplyChannel, turn_id: int) -> None:
         """Queue the posting of a stored greeting (a character's first message) behind the channel's jobs."""
-        del session  # the job reads the session afresh when it runs
         if not self.closed:
             self._enqueue(_Job("greeting", channel, None, turn_id=turn_id))
 
