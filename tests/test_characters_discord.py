@@ -337,3 +337,24 @@ async def test_a_card_is_imported_from_a_link_and_private_addresses_are_refused(
             assert answer(both).content == "Attach a card file or give a URL (one of them)."
     finally:
         await runner.cleanup()
+
+
+async def test_a_channel_holds_at_most_fifteen_characters(db_url) -> None:
+    async with bot_env(db_url) as t:
+        tavern = tavern_guild(t.env)
+        for number in range(16):
+            card = cards.card_from_text(f"C{number}", f"C{number} is here.")
+            await t.bot.repo.create_persona(tavern.guild.id, f"C{number}", card.description,
+                                            card=cards.stored_json(card))
+        await tavern.admin.slash(tavern.channel, "session start", character="C0")
+        for number in range(1, 15):
+            added = await tavern.admin.slash(tavern.channel, "character add", name=f"C{number}")
+            assert added.response.content == f'"C{number}" joins the scene here.'
+        again = await tavern.admin.slash(tavern.channel, "character add", name="C3")
+        assert again.response.content == '"C3" joins the scene here.', "adding one already there changes nothing"
+        full = await tavern.admin.slash(tavern.channel, "character add", name="C15")
+        assert full.response.content == "This channel already has 15 characters, the most it may have."
+        session = await t.bot.repo.get_active_session(channel_key(tavern.channel.id))
+        assert session is not None and len(await t.bot.service.cast(session)) == 15
+        main = await tavern.admin.slash(tavern.channel, "character remove", name="C0")
+        assert "main character" in main.response.content
