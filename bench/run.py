@@ -932,6 +932,12 @@ def _counter(model: str) -> Callable[[str], int]:
     return lambda text: count_tokens(vocab, text)
 
 
+def progress(name: str, done: int, total: int, started: float) -> None:
+    """A line on stderr every tenth of a long benchmark."""
+    if done and done % max(1, total // 10) == 0:
+        print(f"{name} {done}/{total} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
 def generate_text(backend: Any, request: GenerationRequest) -> tuple[GenerationStats, str]:
     """Generate as `generate` does and keep the text the engine streams (stops already cut)."""
     parts: list[str] = []
@@ -1013,6 +1019,7 @@ def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
                                             "first": full.first_token, "reuse_first": row["first"]})
             previous_keys = keys
             history.append(HistoryTurn("model", scripted_turn(t, "model").text, "Mirela"))
+            progress("8.", t + 1, args.lore_turns, started)
     finally:
         for backend in (*backends.values(), full):
             backend.close()
@@ -1120,6 +1127,7 @@ def bench_speakers(args: argparse.Namespace) -> dict[str, Any]:
                     base = generate(full, request)
                     full_rows[mode].append({"turn": t, "switched": switched, "prompt": base.prompt_tokens,
                                             "evaluated": base.evaluated_tokens, "ttft": ttft(base)})
+            progress("9.", m, args.speaker_turns, started)
     finally:
         for backend in (*backends.values(), full):
             backend.close()
@@ -1187,6 +1195,7 @@ def bench_prefill(args: argparse.Namespace) -> dict[str, Any]:
                     "stop_reason": stats.stop_reason, "generated": stats.generated_tokens,
                     "echo": strip_character_echo(raw, speaker.name) != raw,
                 })
+            progress("10.", i + 1, args.prefill_replies, started)
     finally:
         backend.close()
     out: dict[str, Any] = {"replies": args.prefill_replies, "max_new_tokens": args.prefill_tokens,
@@ -1416,7 +1425,7 @@ def in_own_thread(step: Callable[[], Any]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="GGUF file (default: the demo model)")
-    parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated benchmark numbers")
@@ -1453,8 +1462,8 @@ def main(argv: list[str] | None = None) -> int:
         args.db_turns, args.db_samples = 100_000, 300
         args.memory_workers, args.speed_tokens = (1, 2, 4), 600
         args.batch_channels, args.batch_tokens, args.batch_reps = (2, 4, 8), 48, 4
-        args.lore_turns, args.lore_head_turns, args.lore_full_every = 200, 100, 25
-        args.speaker_turns, args.speaker_full_every = 60, 9
+        args.lore_turns, args.lore_head_turns, args.lore_full_every = 200, 60, 30
+        args.speaker_turns, args.speaker_full_every = 60, 15
         args.prefill_replies, args.prefill_tokens = 60, 48
     # A full window's saved state (about 23 KiB per token for the demo model), so every channel fits in RAM.
     args.state_bytes_hint = 24 * 1024 * args.n_ctx
