@@ -9,6 +9,9 @@
 5. database: append-turn latency and prompt-window load for a channel of 100,000 turns
 6. memory: resident memory with 1, 2 and 4 workers; what each worker adds; saved channel states
 7. experiment: several channels decoded in one llama.cpp call vs one at a time and vs 2 workers
+8. lore reuse: a card's lorebook at a depth, before the character kept in the head, or moved to a depth
+9. speaker switching: two characters answering in turn, one card in the prompt or both
+10. name prefill: replies of three characters cut to nothing, with and without `Name:` after `<|model|>`
 
 Paired figures alternate their two sides (ABBA), so a busy machine slows both alike, and keep
 the best of several runs where the work is identical; benchmark 3 takes each side's rate over all
@@ -33,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -824,6 +827,394 @@ def bench_batched(args: argparse.Namespace) -> list[dict[str, Any]]:
             for n in args.batch_channels]
 
 
+# ------------------------------------------------------------------------------------------ 8, 9, 10: scenes
+
+MEMBERS = ("Alice", "Bob", "Chen")  # the members of `scripted_turn`
+# The benchmark characters' descriptions: different texts, so one card in the head differs from another.
+SPEAKER_CARDS = {
+    "Mirela": PERSONA.split("persona follows: ", 1)[1],
+    "Tobiah": "a soft-spoken quartermaster from the mining islands who counts every coin twice, wears "
+              "ink-stained gloves, quotes old trade law from memory and trusts numbers more than people.",
+    "Sera": "a young navigator raised in a lighthouse, who reads the stars and the clouds, hums sea shanties "
+            "while she works and argues with the captain about every course.",
+}
+# Lorebook keys: words the scripted turns never use, so an entry fires only where a turn names it.
+LORE = {
+    "Skyreach": "Skyreach is the highest floating island; its harbor master taxes foreign spice twice and "
+                "keeps a list of every captain who ever cheated him.",
+    "Vossberg": "Vossberg is a mining island of black glass, ruled by the Vossberg guild, whose nobles buy "
+                "pepper by the ton and pay in promissory notes.",
+    "Halcyon": "The Halcyon is a rival airship, faster than Mirela's, captained by her former first mate, "
+               "who left with half the crew and the best charts.",
+    "Marrowgate": "Marrowgate is a prison island where debtors work the wind mills; Mirela spent a winter "
+                  "there and never speaks of it sober.",
+    "Quillfeather": "Quillfeather is an old cartographer on the island of Lumen who sells charts of the "
+                    "storm walls, half of them forged.",
+    "Emberfall": "Emberfall is the season of burning winds, when the lower islands close their docks and "
+                 "cargo prices triple overnight.",
+    "Tidewhisper": "Tidewhisper is a smuggler's code: three short lantern flashes, then one long, meaning "
+                   "the customs cutter is near.",
+    "Grimsby": "Grimsby is the ship's cook, a one-eyed veteran who brews coffee strong enough to wake the "
+               "mechanical parrot from its winding sleep.",
+    "Corvane": "Lord Corvane owns the spice exchange of the central islands and has put a bounty on "
+               "Mirela's ship for a debt she denies.",
+    "Ashcombe": "Ashcombe is a ruined monastery on a drifting rock, said to hide a compass that always "
+                "points toward the nearest storm.",
+    "Silverkeel": "The Silverkeel is Mirela's own airship: three masts, brass-plated hull, a cargo hold "
+                  "that smells of cinnamon and gunpowder.",
+    "Lumenport": "Lumenport is a free harbor where no noble may land armed; merchants meet there to settle "
+                 "debts before the Emberfall winds.",
+}
+LORE_CONSTANT = "The floating islands drift on the trade winds; crossing between them takes days, and storms "\
+                "rise without warning."
+# Benchmark 8's placements: depth entries; the same before the character, kept in the head ("all") or
+# moved to `lore_depth` (the default, "constant").
+PLACEMENTS = {"depth": ("depth", "constant"), "head_all": ("before", "all"), "head_constant": ("before", "constant")}
+
+
+def lore_card_book(position: str) -> dict[str, Any]:
+    """A card's `character_book`: one entry per key of `LORE` at `position` ("depth": depths 2 to 4,
+    "before": before the character), plus one constant entry after the character."""
+    entries: list[dict[str, Any]] = []
+    for index, (key, content) in enumerate(LORE.items()):
+        ext: dict[str, Any] = {"position": 4, "depth": 2 + index % 3, "role": 0} if position == "depth" else {
+            "position": 0}
+        entries.append({"id": index, "keys": [key], "content": content, "enabled": True,
+                        "insertion_order": 100 + index, "extensions": ext})
+    entries.append({"id": len(entries), "keys": [], "content": LORE_CONSTANT, "constant": True, "enabled": True,
+                    "insertion_order": 50, "extensions": {"position": 1}})
+    return {"name": "The skyways", "entries": entries}
+
+
+def bench_character(id_: int, name: str, book: dict[str, Any] | None = None) -> Any:
+    """One of `SPEAKER_CARDS` as a character whose card is read as an imported V2 JSON card is."""
+    from bot.core import cards
+    from bot.core.scene import Character
+
+    data: dict[str, Any] = {"name": name, "description": f"{name} is {SPEAKER_CARDS[name]}", "personality": "",
+                            "scenario": "Aboard the Silverkeel, between floating islands.", "first_mes": "",
+                            "mes_example": ""}
+    if book is not None:
+        data["character_book"] = book
+    card = cards.read_card(json.dumps({"spec": "chara_card_v2", "spec_version": "2.0", "data": data}).encode())
+    return Character(id_, name, card)
+
+
+def channel_books(character: Any, book: dict[str, Any]) -> tuple[Any, ...]:
+    """The scene's channel lorebooks: none when the card's own book reads, else the same book attached
+    to the channel (as `/lore` attaches a world file), which `compose` places the same way."""
+    from bot.core import lore
+
+    if character.book() is not None:
+        return ()
+    return (lore.read_world(json.dumps(book).encode(), name="The skyways (channel)"),)
+
+
+def lore_user_turn(index: int) -> PromptTurn:
+    """`scripted_turn`'s user turn; one in four also names a lorebook key."""
+    turn = scripted_turn(index, "user")
+    rng = random.Random(7919 * index + 17)
+    if rng.random() < 0.25:
+        key = rng.choice(list(LORE))
+        return PromptTurn("user", turn.text.replace(": what about the ", f": what about {key} and the ", 1),
+                          turn.speaker)
+    return turn
+
+
+def lore_keys_in(text: str) -> frozenset[str]:
+    return frozenset(key for key in LORE if key in text)
+
+
+def _counter(model: str) -> Callable[[str], int]:
+    from bot.prompt.builder import count_tokens
+
+    vocab = vocabulary(model)
+    return lambda text: count_tokens(vocab, text)
+
+
+def progress(name: str, done: int, total: int, started: float) -> None:
+    """A line on stderr every tenth of a long benchmark."""
+    if done and done % max(1, total // 10) == 0:
+        print(f"{name} {done}/{total} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def generate_text(backend: Any, request: GenerationRequest) -> tuple[GenerationStats, str]:
+    """Generate as `generate` does and keep the text the engine streams (stops already cut)."""
+    parts: list[str] = []
+    stats = run_generation(backend, request, threading.Event(),
+                           lambda chunk: parts.append(chunk.text) if isinstance(chunk, Text) else None)
+    return stats, "".join(parts)
+
+
+def _work(rows: list[dict[str, Any]]) -> dict[str, float]:
+    values = [r["evaluated"] for r in rows]
+    return {"median": median(values), "mean": mean(values), "p95": pct(values, 95), "turns": len(values)}
+
+
+def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
+    """A channel whose card has a lorebook, a scripted conversation of `lore_turns` turns (as in 1.).
+
+    Every turn the conversation is composed for the scene as the bot composes it and generated with
+    KV reuse (context shift), once per placement of the lorebook, in rotating order; the same history
+    for all (scripted replies are stored, as in 1.). Before-character entries kept in the head change
+    the head whenever the active set changes, so that placement runs the first `lore_head_turns`
+    turns only. The full evaluation runs on every `lore_full_every`-th turn once the window is full.
+    """
+    from bot.core.scene import HistoryTurn, Scene, compose
+
+    chars = Settings().characters
+    count = _counter(args.model)
+    vocab = vocabulary(args.model)
+    settings = model_settings(args.model, args.n_ctx, args.threads)
+    scenes: dict[str, Any] = {}
+    card_book_reads = True
+    for name, (position, in_head) in PLACEMENTS.items():
+        book = lore_card_book(position)
+        character = bench_character(1, "Mirela", book)
+        books = channel_books(character, book)
+        card_book_reads = card_book_reads and not books
+        scenes[name] = (character, books, in_head)
+    backends = {name: BenchBackend(args.model, settings, cache=StateCache(0)) for name in PLACEMENTS}
+    full = NoReuse(BenchBackend(args.model, settings))
+    history: list[Any] = []
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in PLACEMENTS}
+    full_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in PLACEMENTS}
+    first_full: dict[str, int | None] = dict.fromkeys(PLACEMENTS)
+    heads: dict[str, str] = {}
+    previous_keys: frozenset[str] = frozenset()
+    triggered = changed = 0
+    started = time.perf_counter()
+    try:
+        for t in range(args.lore_turns):
+            user = lore_user_turn(t)
+            history.append(HistoryTurn("user", user.text, user.speaker or "User"))
+            keys = lore_keys_in(user.text)
+            triggered += bool(keys)
+            changed += keys != previous_keys
+            names = list(PLACEMENTS)
+            for name in names[t % 3:] + names[: t % 3]:
+                if name == "head_all" and t >= args.lore_head_turns:
+                    continue
+                character, books, in_head = scenes[name]
+                scene = Scene(speaker=character, cast=(character,), user=user.speaker or "User", books=books,
+                              lore_budget=int(args.n_ctx * chars.lore_budget), lore_scan_depth=chars.lore_scan_depth,
+                              lore_in_head=in_head, lore_depth=chars.lore_depth)
+                conv = compose(scene, history, count_tokens=count, rng=random.Random(1))
+                request, prompt = generation_request(vocab, conv, key="lore", n_ctx=args.n_ctx,
+                                                     max_new_tokens=args.max_new, sampling=GREEDY, speakers=MEMBERS)
+                stats = generate(backends[name], request)
+                row = {"turn": t, "prompt": stats.prompt_tokens, "evaluated": stats.evaluated_tokens,
+                       "ttft": ttft(stats), "keys": sorted(keys), "changed": keys != previous_keys,
+                       "lore_injections": len(conv.injections), "head_changed": heads.get(name) != conv.system,
+                       "first": backends[name].first_token}
+                heads[name] = conv.system
+                rows[name].append(row)
+                if first_full[name] is None and prompt.turns_from(stats.window_start) < len(history):
+                    first_full[name] = t
+                start = first_full[name]
+                if start is not None and (t - start) % args.lore_full_every == 0:
+                    base = generate(full, request)
+                    full_rows[name].append({"turn": t, "prompt": base.prompt_tokens,
+                                            "evaluated": base.evaluated_tokens, "ttft": ttft(base),
+                                            "first": full.first_token, "reuse_first": row["first"]})
+            previous_keys = keys
+            history.append(HistoryTurn("model", scripted_turn(t, "model").text, "Mirela"))
+            progress("8.", t + 1, args.lore_turns, started)
+    finally:
+        for backend in (*backends.values(), full):
+            backend.close()
+    out: dict[str, Any] = {"turns": args.lore_turns, "head_turns": args.lore_head_turns,
+                           "full_every": args.lore_full_every, "entries": len(LORE) + 1,
+                           "triggered_turns": triggered, "changed_turns": changed,
+                           "card_book_reads": card_book_reads, "seconds": time.perf_counter() - started,
+                           "placements": {}}
+    for name in PLACEMENTS:
+        start = first_full[name]
+        warm = [r for r in rows[name] if start is not None and r["turn"] > start]
+        base = full_rows[name]
+        result = {
+            "turns": len(rows[name]), "window_full_from_turn": start,
+            "reuse": _work(warm),
+            "reuse_changed": _work([r for r in warm if r["changed"]]),
+            "reuse_unchanged": _work([r for r in warm if not r["changed"]]),
+            "head_changes": sum(r["head_changed"] for r in warm),
+            "full_evaluated_median": median([r["evaluated"] for r in base]),
+            "full_samples": len(base),
+            "argmax_agreement": mean([float(r["first"] == r["reuse_first"]) for r in base]) if base else None,
+            "rows": rows[name], "full_rows": base,
+        }
+        result["work_ratio"] = result["full_evaluated_median"] / max(1.0, result["reuse"]["mean"])
+        out["placements"][name] = result
+    return out
+
+
+def speaker_reply(index: int, name: str) -> str:
+    """A scripted reply in the voice of one of the benchmark's characters."""
+    rng = random.Random(index * 2 + 1)
+    words = " ".join(rng.choice(_WORDS) for _ in range(22))
+    voices = {
+        "Mirela": f"*adjusts her goggles* The {words}, aye. Brass squawks: aye!",
+        "Tobiah": f"*taps the ledger with his pencil* The {words}, mind you. Coin first, questions later.",
+        "Sera": f"*unrolls a chart across the table* The {words}, if the stars hold. Trust the chart.",
+    }
+    return voices[name]
+
+
+def cast_of(names: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(bench_character(i + 1, name) for i, name in enumerate(names))
+
+
+def bench_speakers(args: argparse.Namespace) -> dict[str, Any]:
+    """Two characters of different cards answer in turn: two replies each, so every other turn the
+    speaker changes. The history starts with the window full (`speaker_fill` pairs, found as in 2.);
+    one unmeasured turn fills each cache, then `speaker_turns` measured turns per mode. Full
+    evaluations on every `speaker_full_every`-th measured turn (odd, so both kinds of turn are sampled).
+    """
+    from bot.core.scene import HistoryTurn, Scene, compose
+    from bot.prompt.builder import speaker_label
+
+    cast = cast_of(("Mirela", "Tobiah"))
+    names = tuple(c.name for c in cast)
+    count = _counter(args.model)
+    vocab = vocabulary(args.model)
+    modes = ("speaker", "all")
+
+    def speaker_at(t: int) -> Any:
+        return cast[(t // 2) % 2]
+
+    def turns_until(t: int) -> list[Any]:
+        out = []
+        for i in range(t):
+            user = scripted_turn(i, "user")
+            out.append(HistoryTurn("user", user.text, user.speaker or "User"))
+            out.append(HistoryTurn("model", speaker_reply(i, speaker_at(i).name), speaker_at(i).name))
+        user = scripted_turn(t, "user")
+        out.append(HistoryTurn("user", user.text, user.speaker or "User"))
+        return out
+
+    def request_for(mode: str, t: int, history: list[Any]) -> tuple[GenerationRequest, Prompt]:
+        speaker = speaker_at(t)
+        scene = Scene(speaker=speaker, cast=cast, user=history[-1].speaker, cards_in_prompt=mode)  # type: ignore[arg-type]
+        conv = compose(scene, history, count_tokens=count, rng=random.Random(1))
+        speakers = tuple(dict.fromkeys(speaker_label(h.speaker, names) for h in history if h.role == "user"))
+        others = tuple(n for n in names if n != speaker.name)
+        return generation_request(vocab, conv, key="duo", n_ctx=args.n_ctx, max_new_tokens=args.max_new,
+                                  sampling=GREEDY, speakers=speakers, characters=others)
+
+    fill = 1
+    while not all(request_for(m, fill, turns_until(fill))[1].turns_used < 2 * fill + 1 for m in modes):
+        fill += 1
+    settings = model_settings(args.model, args.n_ctx, args.threads)
+    backends = {mode: BenchBackend(args.model, settings, cache=StateCache(0)) for mode in modes}
+    full = NoReuse(BenchBackend(args.model, settings))
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    full_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    started = time.perf_counter()
+    try:
+        for m in range(args.speaker_turns + 1):
+            t = fill + m
+            history = turns_until(t)
+            switched = speaker_at(t) is not speaker_at(t - 1)
+            for mode in (modes if m % 2 == 0 else modes[::-1]):
+                request, _ = request_for(mode, t, history)
+                stats = generate(backends[mode], request)
+                if m == 0:
+                    continue  # fills the cache
+                rows[mode].append({"turn": t, "switched": switched, "speaker": speaker_at(t).name,
+                                   "prompt": stats.prompt_tokens, "evaluated": stats.evaluated_tokens,
+                                   "ttft": ttft(stats)})
+                if (m - 1) % args.speaker_full_every == 0:
+                    base = generate(full, request)
+                    full_rows[mode].append({"turn": t, "switched": switched, "prompt": base.prompt_tokens,
+                                            "evaluated": base.evaluated_tokens, "ttft": ttft(base)})
+            progress("9.", m, args.speaker_turns, started)
+    finally:
+        for backend in (*backends.values(), full):
+            backend.close()
+    out: dict[str, Any] = {"fill_pairs": fill, "turns": args.speaker_turns, "full_every": args.speaker_full_every,
+                           "seconds": time.perf_counter() - started, "modes": {}}
+    for mode in modes:
+        full_median = median([r["evaluated"] for r in full_rows[mode]])
+        result: dict[str, Any] = {"full_evaluated_median": full_median, "full_samples": len(full_rows[mode]),
+                                  "rows": rows[mode], "full_rows": full_rows[mode]}
+        for kind, switched in (("changes", True), ("stays", False)):
+            work = _work([r for r in rows[mode] if r["switched"] is switched])
+            result[kind] = work | {"ratio": full_median / max(1.0, work["mean"])}
+        out["modes"][mode] = result
+    return out
+
+
+def bench_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    """Three characters and two members; `prefill_replies` replies sampled with the bot's default
+    sampling and a fixed seed each, with and without `prefill_name`, cleaned as `ReplyStream.text` cleans.
+
+    Reply i answers member turn i (which names the speaker) after the 5 turn pairs before it; the
+    speakers take turns. Both sides share one context (ABBA): their prompts differ only after the
+    closing `<|model|>`, so the second evaluates a few tokens.
+    """
+    from bot.core.scene import HistoryTurn, Scene, compose
+    from bot.prompt.builder import speaker_label
+    from bot.prompt.stops import clean_reply, strip_character_echo
+
+    cast = cast_of(("Mirela", "Tobiah", "Sera"))
+    names = tuple(c.name for c in cast)
+    members = ("Alice", "Bob")
+    count = _counter(args.model)
+    vocab = vocabulary(args.model)
+    defaults = Settings().sampling.model_dump()
+
+    def user_turn(i: int) -> Any:
+        rng = random.Random(i * 2)
+        words = " ".join(rng.choice(_WORDS) for _ in range(12))
+        return HistoryTurn("user", f"{cast[i % 3].name}, what about the {words}?", members[i % 2])
+
+    settings = model_settings(args.model, args.n_ctx, args.threads)
+    backend = BenchBackend(args.model, settings, cache=StateCache(0))
+    replies: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    started = time.perf_counter()
+    try:
+        for i in range(args.prefill_replies):
+            history: list[Any] = []
+            for k in range(max(0, i - 5), i):
+                history += [user_turn(k), HistoryTurn("model", speaker_reply(k, cast[k % 3].name), cast[k % 3].name)]
+            history.append(user_turn(i))
+            speaker = cast[i % 3]
+            speakers = tuple(dict.fromkeys(speaker_label(h.speaker, names) for h in history if h.role == "user"))
+            others = tuple(n for n in names if n != speaker.name)
+            sampling = Sampling(**defaults, seed=1000 + i)
+            for prefill in ((True, False) if i % 2 == 0 else (False, True)):
+                scene = Scene(speaker=speaker, cast=cast, user=history[-1].speaker, prefill_name=prefill)
+                conv = compose(scene, history, count_tokens=count, rng=random.Random(1))
+                request, _ = generation_request(vocab, conv, key="trio", n_ctx=args.n_ctx,
+                                                max_new_tokens=args.prefill_tokens, sampling=sampling,
+                                                speakers=speakers, characters=others)
+                stats, raw = generate_text(backend, request)
+                text = clean_reply(raw, speakers, speaker.name, characters=others)  # ReplyStream.text, finished
+                replies[prefill].append({
+                    "reply": i, "speaker": speaker.name, "prefix": conv.reply_prefix, "raw": raw, "text": text,
+                    "stop_reason": stats.stop_reason, "generated": stats.generated_tokens,
+                    "echo": strip_character_echo(raw, speaker.name) != raw,
+                })
+            progress("10.", i + 1, args.prefill_replies, started)
+    finally:
+        backend.close()
+    out: dict[str, Any] = {"replies": args.prefill_replies, "max_new_tokens": args.prefill_tokens,
+                           "characters": len(cast), "members": len(members),
+                           "seconds": time.perf_counter() - started}
+    for prefill, items in replies.items():
+        empty = [r for r in items if not r["text"]]
+        out["with" if prefill else "without"] = {
+            "empty": len(empty),
+            "empty_nothing_generated": sum(not r["raw"].strip() for r in empty),
+            "echo_stripped": sum(r["echo"] for r in items),
+            "mean_chars": mean([len(r["text"]) for r in items if r["text"]]),
+            "stop_reasons": {reason: sum(r["stop_reason"] == reason for r in items)
+                             for reason in sorted({r["stop_reason"] for r in items})},
+            "rows": items,
+        }
+    return out
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -967,6 +1358,56 @@ def report(results: dict[str, Any]) -> str:
         notes.append(f"7.: every channel's prompt evaluated first (not timed), then {b['tokens_per_channel']} greedy "
                      f"tokens per channel, best of {b['reps']} (ABBA); batched tokens equal to those generated one "
                      f"at a time: {same}. Not used by the bot.")
+    if "lore" in results:
+        lo = results["lore"]
+        labels = {"depth": "(a) entries at depth 2-4", "head_all": "(b) before the character, lore_in_head=all",
+                  "head_constant": "(c) before the character, lore_in_head=constant (default)"}
+        for name, p in lo["placements"].items():
+            w = p["reuse"]
+            target = "report" if name == "head_all" else ">= 5x"
+            row(f"8. lore reuse, {labels[name]}: prompt tokens evaluated (median/mean/p95)",
+                f"{w['median']:.0f}/{w['mean']:.0f}/{w['p95']:.0f}", f"{p['full_evaluated_median']:.0f}",
+                f"{p['work_ratio']:.1f}x", target, None if name == "head_all" else p["work_ratio"] >= 5)
+        for name, p in lo["placements"].items():
+            c, u = p["reuse_changed"], p["reuse_unchanged"]
+            row(f"8. lore reuse, {labels[name][:3]}: mean evaluated when the active set changes / stays "
+                f"({c['turns']} / {u['turns']} turns)", f"{c['mean']:.0f} / {u['mean']:.0f}",
+                f"head changed on {p['head_changes']} turns", "", "report", None)
+        a = lo["placements"]["depth"]
+        notes.append(f"8.: {lo['turns']} turns ((b): the first {lo['head_turns']}), {lo['entries']} entries (one "
+                     f"constant, after the character); a lorebook key is named on {lo['triggered_turns']} turns "
+                     f"and the active set changes on {lo['changed_turns']}; the window is full from turn "
+                     f"{a['window_full_from_turn']}; figures over the later turns; full evaluation on every "
+                     f"{lo['full_every']}th of them ({a['full_samples']} samples for (a)). Work ratio: full median "
+                     f"/ reuse mean. The card's own lorebook "
+                     + ("is used." if lo["card_book_reads"] else "does not read (see docs); the same book is "
+                        "attached to the channel instead."))
+    if "speakers" in results:
+        sp = results["speakers"]
+        for mode, m in sp["modes"].items():
+            for kind, label in (("changes", "the speaker changes"), ("stays", "the same speaker")):
+                w = m[kind]
+                row(f"9. two characters, cards_in_prompt={mode}: evaluated when {label} (median/mean/p95, "
+                    f"{w['turns']} turns)", f"{w['median']:.0f}/{w['mean']:.0f}/{w['p95']:.0f}",
+                    f"{m['full_evaluated_median']:.0f}", f"{w['ratio']:.1f}x", "report", None)
+        notes.append(f"9.: the history starts with {sp['fill_pairs']} turn pairs (window full); each character "
+                     f"answers two turns in a row; {sp['turns']} measured turns per mode after one that fills the "
+                     f"cache; full evaluation on every {sp['full_every']}th.")
+    if "prefill" in results:
+        pf = results["prefill"]
+        w, wo = pf["with"], pf["without"]
+        n = pf["replies"]
+        row(f"10. name prefill, {pf['characters']} characters / {pf['members']} members: replies cut to nothing "
+            f"(of {n})", f"with prefill_name: {w['empty']} ({w['empty_nothing_generated']} nothing generated)",
+            f"without: {wo['empty']} ({wo['empty_nothing_generated']} nothing generated)", "", "report", None)
+        row("10. name prefill: replies that began with the speaker's own name (stripped) / mean characters kept",
+            f"{w['echo_stripped']} / {w['mean_chars']:.0f}", f"{wo['echo_stripped']} / {wo['mean_chars']:.0f}",
+            "", "report", None)
+        better = ("with prefill_name" if w["empty"] < wo["empty"] else
+                  "without prefill_name" if wo["empty"] < w["empty"] else "neither (a tie)")
+        notes.append(f"10.: {n} replies each way, default sampling with one fixed seed per reply, at most "
+                     f"{pf['max_new_tokens']} tokens, cleaned as the bot cleans them; fewer empty replies: "
+                     f"{better}.")
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)])
 
 
@@ -984,10 +1425,10 @@ def in_own_thread(step: Callable[[], Any]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="GGUF file (default: the demo model)")
-    parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated benchmark numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated benchmark numbers")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--kv-type", default="f16", help=argparse.SUPPRESS)
@@ -1010,6 +1451,9 @@ def main(argv: list[str] | None = None) -> int:
         args.db_turns, args.db_samples = 100_000, 100
         args.memory_workers, args.speed_tokens = (1, 2), 300
         args.batch_channels, args.batch_tokens, args.batch_reps = (2, 4), 16, 2
+        args.lore_turns, args.lore_head_turns, args.lore_full_every = 32, 24, 8
+        args.speaker_turns, args.speaker_full_every = 16, 5
+        args.prefill_replies, args.prefill_tokens = 12, 48
     else:
         args.turns, args.trim_turns, args.sample_every = 200, 100, 15
         args.channels, args.rounds, args.none_requests = 8, 2, 2
@@ -1018,6 +1462,9 @@ def main(argv: list[str] | None = None) -> int:
         args.db_turns, args.db_samples = 100_000, 300
         args.memory_workers, args.speed_tokens = (1, 2, 4), 600
         args.batch_channels, args.batch_tokens, args.batch_reps = (2, 4, 8), 48, 4
+        args.lore_turns, args.lore_head_turns, args.lore_full_every = 200, 60, 30
+        args.speaker_turns, args.speaker_full_every = 60, 15
+        args.prefill_replies, args.prefill_tokens = 60, 48
     # A full window's saved state (about 23 KiB per token for the demo model), so every channel fits in RAM.
     args.state_bytes_hint = 24 * 1024 * args.n_ctx
     only = {int(x) for x in args.only.split(",") if x.strip()}
@@ -1033,6 +1480,9 @@ def main(argv: list[str] | None = None) -> int:
         (5, "database", lambda: bench_database(args)),
         (6, "memory", lambda: bench_memory(args)),
         (7, "batched", lambda: bench_batched(args)),
+        (8, "lore", lambda: bench_lore(args)),
+        (9, "speakers", lambda: bench_speakers(args)),
+        (10, "prefill", lambda: bench_prefill(args)),
     ]
     started = time.perf_counter()
     for number, name, step in steps:
