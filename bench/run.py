@@ -900,16 +900,6 @@ def bench_character(id_: int, name: str, book: dict[str, Any] | None = None) -> 
     return Character(id_, name, card)
 
 
-def channel_books(character: Any, book: dict[str, Any]) -> tuple[Any, ...]:
-    """The scene's channel lorebooks: none when the card's own book reads, else the same book attached
-    to the channel (as `/lore` attaches a world file), which `compose` places the same way."""
-    from bot.core import lore
-
-    if character.book() is not None:
-        return ()
-    return (lore.read_world(json.dumps(book).encode(), name="The skyways (channel)"),)
-
-
 def lore_user_turn(index: int) -> PromptTurn:
     """`scripted_turn`'s user turn; one in four also names a lorebook key."""
     turn = scripted_turn(index, "user")
@@ -967,13 +957,10 @@ def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
     vocab = vocabulary(args.model)
     settings = model_settings(args.model, args.n_ctx, args.threads)
     scenes: dict[str, Any] = {}
-    card_book_reads = True
     for name, (position, in_head) in PLACEMENTS.items():
-        book = lore_card_book(position)
-        character = bench_character(1, "Mirela", book)
-        books = channel_books(character, book)
-        card_book_reads = card_book_reads and not books
-        scenes[name] = (character, books, in_head)
+        character = bench_character(1, "Mirela", lore_card_book(position))
+        assert character.book() is not None, "the card's lorebook reads"
+        scenes[name] = (character, (), in_head)
     backends = {name: BenchBackend(args.model, settings, cache=StateCache(0)) for name in PLACEMENTS}
     full = NoReuse(BenchBackend(args.model, settings))
     history: list[Any] = []
@@ -1026,7 +1013,7 @@ def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"turns": args.lore_turns, "head_turns": args.lore_head_turns,
                            "full_every": args.lore_full_every, "entries": len(LORE) + 1,
                            "triggered_turns": triggered, "changed_turns": changed,
-                           "card_book_reads": card_book_reads, "seconds": time.perf_counter() - started,
+                           "seconds": time.perf_counter() - started,
                            "placements": {}}
     for name in PLACEMENTS:
         start = first_full[name]
@@ -1379,9 +1366,7 @@ def report(results: dict[str, Any]) -> str:
                      f"and the active set changes on {lo['changed_turns']}; the window is full from turn "
                      f"{a['window_full_from_turn']}; figures over the later turns; full evaluation on every "
                      f"{lo['full_every']}th of them ({a['full_samples']} samples for (a)). Work ratio: full median "
-                     f"/ reuse mean. The card's own lorebook "
-                     + ("is used." if lo["card_book_reads"] else "does not read (see docs); the same book is "
-                        "attached to the channel instead."))
+                     f"/ reuse mean.")
     if "speakers" in results:
         sp = results["speakers"]
         for mode, m in sp["modes"].items():
