@@ -60,7 +60,7 @@ class TerminalChat:
         elif session is None or persona is not None:
             session = await repo.start_session(key, persona_text=persona or (
                 session.persona_text if session else DEFAULT_PERSONA))
-            await self.service.check_persona(session.persona_text)
+            await self.service.check_card(main_character(session))
         self.character = main_character(session).name if session.persona_id is not None else "Character"
         history = await repo.recent_turns(session.id, HISTORY_SHOWN)
         if history:

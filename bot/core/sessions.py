@@ -38,7 +38,6 @@ from persistence.repository import Repository
 
 log = logging.getLogger(__name__)
 
-SYSTEM_TEMPLATE = "Enter roleplay mode. You must act as {name}, whose persona follows:\n{persona}"
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
 # Every turn costs at least its role marker and one token, so more than n_ctx // 4 turns never fit.
 MIN_TOKENS_PER_TURN = 4
@@ -272,29 +271,9 @@ class ChatService:
         """Context tokens a persona must leave free for conversation turns."""
         return max(64, self.engine.n_ctx // 4)
 
-    async def persona_budget(self) -> int:
-        """The most tokens a persona may have (after the fixed preamble) with room left to talk."""
-        preamble = SYSTEM_TEMPLATE.format(name="the character", persona="")
-        max_new = self.settings.model.max_new_tokens
-        reserve = self.conversation_reserve
-
-        def budget(tokenizer: Tokenizer) -> int:
-            allowed = system_budget(tokenizer, n_ctx=self.engine.n_ctx, max_new_tokens=max_new, reserve=reserve)
-            return max(0, allowed - count_tokens(tokenizer, preamble))
-
-        return await self.engine.with_tokenizer(budget)
-
     async def count_tokens(self, text: str) -> int:
         """Count the tokens of user-supplied text as the prompt builder counts them."""
         return await self.engine.with_tokenizer(lambda tokenizer: count_tokens(tokenizer, text))
-
-    async def check_persona(self, text: str) -> int:
-        """Return the persona's token count; raise PersonaTooLarge (with both numbers) if it does not fit."""
-        tokens = await self.count_tokens(text)
-        allowed = await self.persona_budget()
-        if tokens > allowed:
-            raise PersonaTooLarge(tokens, allowed)
-        return tokens
 
     async def check_card(self, character: Character) -> int:
         """Return the tokens of a character's card as the prompt's head holds it (story string, no lore,
