@@ -358,3 +358,25 @@ async def test_a_channel_holds_at_most_fifteen_characters(db_url) -> None:
         assert session is not None and len(await t.bot.service.cast(session)) == 15
         main = await tavern.admin.slash(tavern.channel, "character remove", name="C0")
         assert "main character" in main.response.content
+
+
+async def test_a_reply_whose_webhook_is_gone_is_still_taken_down_with_its_turn(db_url) -> None:
+    """A moderator deletes the character's webhook, then a member deletes one part of a long reply: the
+    turn goes, and the bot deletes the other part as itself (it has Manage Messages here)."""
+    from bot.config import Settings
+
+    settings = Settings.model_validate({"model": {"max_new_tokens": 2400}})  # one byte a token here
+    async with bot_env(db_url, backend=FakeBackend("The road is long. " * 125), settings=settings) as t:
+        tavern = tavern_guild(t.env)
+        await import_card(t, tavern, card_png("Mira"))
+        await tavern.admin.slash(tavern.channel, "session start", character="Mira")
+        await tavern.alice.send(tavern.channel, "Tell me about the road.")
+        first, _second = replies(tavern.channel)
+        t.env.backend.delete_webhook(first.webhook_id)
+        await t.restart()  # a fresh process knows no webhook object, only the stored mapping
+        moderators = tavern.guild.create_role("Mods", permissions=discord.Permissions(manage_messages=True))
+        moderator = tavern.guild.add_member(t.env.create_user("Moderator"), roles=[moderators])
+        await moderator.delete(first)
+        await t.env.settle()
+        assert replies(tavern.channel) == []
+        assert [turn.role for turn in await stored_turns(t, tavern.channel)] == [Role.USER]

@@ -213,7 +213,7 @@ class ChannelReplies:
         """Delete the bot's own messages (the rest of a reply whose turn was removed)."""
         if not message_ids:
             return
-        poster = await self._poster_of(channel, message_ids)
+        poster = await self._poster_of(channel, message_ids, deleting=True)
         if poster is not None:
             await self._target(poster, message_ids).discard()
 
@@ -521,9 +521,15 @@ class ChannelReplies:
             return self._target(await self.poster_for(job.channel, character))
         return self._target(poster, turn.message_ids, turn.content)
 
-    async def _poster_of(self, channel: ReplyChannel, message_ids: Sequence[int]) -> Poster | None:
+    async def _poster_of(
+        self, channel: ReplyChannel, message_ids: Sequence[int], *, deleting: bool = False
+    ) -> Poster | None:
         """The poster that can change these messages of one reply (None if none can): the bot for its
-        own, else the character webhook that posted them (read from the first one still there)."""
+        own, else the character webhook that posted them (read from the first one still there).
+
+        `deleting`: messages whose webhook is gone (deleted while the bot was away, or out of reach
+        without Manage Webhooks) are deleted by the bot as itself, which Manage Messages allows.
+        """
         if self.voices is None:
             return BotPoster(channel)
         for message_id in message_ids:
@@ -534,7 +540,8 @@ class ChannelReplies:
             except (discord.HTTPException, discord.RateLimited) as exc:
                 log.warning("cannot read message %s in channel %s to change it: %s", message_id, channel.id, exc)
                 return None
-            return await self.voices.poster_of(channel, message, None)
+            poster = await self.voices.poster_of(channel, message, None)
+            return BotPoster(channel) if poster is None and deleting else poster
         return None
 
     async def _pump(self, channel: ReplyChannel, stream: ReplyStream, target: ReplyMessages) -> str:
