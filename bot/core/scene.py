@@ -7,6 +7,7 @@ on the engine's tokenizer thread, never on the event loop.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,11 @@ class Character:
         return self.card.talkativeness
 
     def book(self) -> lore.Lorebook | None:
-        """The card's own lorebook, if it has entries."""
+        """The card's own lorebook, if it has entries (read once per character object)."""
+        return self._book
+
+    @functools.cached_property
+    def _book(self) -> lore.Lorebook | None:
         raw = self.card.character_book
         if not raw:
             return None

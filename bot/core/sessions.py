@@ -6,6 +6,7 @@ This is the one path both front ends use: the terminal chat and the Discord cogs
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -51,18 +52,23 @@ class Speaker:
     name: str
 
 
+@functools.lru_cache(maxsize=64)
+def _character(id_: int | None, name: str, card_json: str | None, text: str, avatar_sha: str | None) -> Character:
+    """A character from its stored card (or a card made from plain persona text). Cached by what is stored:
+    every reply reads the channel's cast, and a card with a large lorebook is costly to parse each time."""
+    card = cards.from_stored(card_json, None) if card_json else cards.card_from_text(name, text)
+    return Character(id_, name, card, avatar_sha)
+
+
 def main_character(session: ChannelSession) -> Character:
     """The session's main character: its stored card, or a card made from the plain persona text."""
-    name = session.persona_name or "the character"
-    card = cards.from_stored(session.persona_card, None) if session.persona_card else None
-    return Character(session.persona_id, name, card or cards.card_from_text(name, session.persona_text),
-                     session.persona_avatar_sha)
+    return _character(session.persona_id, session.persona_name or "the character", session.persona_card,
+                      session.persona_text, session.persona_avatar_sha)
 
 
 def character_of(persona: Persona) -> Character:
     """A stored character (persona) as the scene uses it."""
-    card = cards.from_stored(persona.card, None) if persona.card else cards.card_from_text(persona.name, persona.text)
-    return Character(persona.id, persona.name, card, persona.avatar_sha)
+    return _character(persona.id, persona.name, persona.card, persona.text, persona.avatar_sha)
 
 
 def history_of(turns: Sequence[Turn], main: str) -> list[HistoryTurn]:
@@ -343,9 +349,12 @@ class ChatService:
             books.append(book)
         return tuple(books)
 
-    async def scene(self, session: ChannelSession, speaker: Character | None, turns: Sequence[Turn]) -> Scene:
-        """The scene for `speaker`'s reply (None: the main character) after `turns`."""
-        cast = await self.cast(session)
+    async def scene(
+        self, session: ChannelSession, speaker: Character | None, turns: Sequence[Turn],
+        cast: tuple[Character, ...] | None = None,
+    ) -> Scene:
+        """The scene for `speaker`'s reply (None: the main character) after `turns`; `cast` if already read."""
+        cast = cast or await self.cast(session)
         if speaker is None:
             speaker = cast[0]
         answered = next((t for t in reversed(turns) if t.role is Role.USER), None)
@@ -405,7 +414,7 @@ class ChatService:
         """Extend the model turn `turn` (the latest one) with more text."""
         turns = await self._window(session)
         cast = await self.cast(session)
-        scene = await self.scene(session, self.speaker_of(cast, turn), turns)
+        scene = await self.scene(session, self.speaker_of(cast, turn), turns, cast)
         return await self._stream(session, turns, scene, continue_last=True, continues=turn,
                                   truncated=await self._truncated(session, turns))
 
@@ -421,7 +430,7 @@ class ChatService:
             self._regenerations[turn.id] = attempt
             sampling = replace(sampling, seed=regeneration_seed(sampling.seed, turn, attempt))
         cast = await self.cast(session)
-        scene = await self.scene(session, self.speaker_of(cast, turn), kept)
+        scene = await self.scene(session, self.speaker_of(cast, turn), kept, cast)
         return await self._stream(session, kept, scene, continue_last=False, into=turn, sampling=sampling,
                                   swipe=True, truncated=await self._truncated(session, turns))
 
