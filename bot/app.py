@@ -24,7 +24,7 @@ from bot.core.sessions import ChatService
 from bot.discord_front.client import TavernBot, create_bot
 from bot.inference.engine import Engine
 from bot.inference.local.demo_model import DemoModelError, resolve_model_path
-from bot.inference.local.llama import llama_engine
+from bot.inference.local.batched import batched_engine
 from bot.terminal import run_chat
 from persistence.database import Database
 from persistence.repository import Repository
@@ -109,7 +109,7 @@ async def chat_main(
 ) -> None:
     """Run the terminal chat (playing `card` when given)."""
     user_name = args.name or getpass.getuser() or "User"
-    async with services(settings, llama_engine(settings, model_path)) as service:
+    async with services(settings, batched_engine(settings, model_path)) as service:
         await run_chat(service, service.engine, session_name=args.session, persona=persona, user_name=user_name,
                        stdin=stdin or sys.stdin, stdout=stdout or sys.stdout, card=card)
 
@@ -144,5 +144,5 @@ async def serve(bot: TavernBot, token: str, *, grace: float = SHUTDOWN_GRACE) ->
 
 async def run_main(settings: Settings, model_path: str, token: str) -> None:
     """Run the Discord bot over the llama engine and the configured database."""
-    async with services(settings, llama_engine(settings, model_path)) as service:
+    async with services(settings, batched_engine(settings, model_path)) as service:
         await serve(discord_bot(settings, service), token)

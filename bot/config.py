@@ -32,8 +32,8 @@ class ModelSettings(_Section):
 
     path: str = Field("", description="GGUF file; empty uses the demo model")
     n_ctx: int = Field(2048, ge=256, le=131072, description="context size in tokens")
-    threads: int = Field(0, ge=0, le=256, description="CPU threads per worker; 0 = all cores / workers")
-    workers: int = Field(1, ge=1, le=16, description="worker threads, each with its own context")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads the model computes with; 0 = all cores")
+    workers: int = Field(4, ge=1, le=64, description="replies generated at once, batched in one context")
     gpu_layers: int = Field(0, ge=-1, le=1000, description="layers offloaded to a GPU; -1 = all")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="reply length limit in tokens")
     seed: int = Field(-1, ge=-1, description="sampling seed; -1 = random")
