@@ -23,8 +23,9 @@ from bot.core.cards import CardError, CharacterCard, read_card
 from bot.core.sessions import ChatService
 from bot.discord_front.client import TavernBot, create_bot
 from bot.inference.engine import Engine
-from bot.inference.local.demo_model import DemoModelError, resolve_model_path
 from bot.inference.local.batched import batched_engine
+from bot.inference.local.demo_model import DemoModelError, resolve_model_path
+from bot.inference.local.llama import llama_engine
 from bot.terminal import run_chat
 from persistence.database import Database
 from persistence.repository import Repository
@@ -84,6 +85,11 @@ def model_path_for(settings: Settings) -> str:
     return str(path)
 
 
+def model_engine(settings: Settings, model_path: str) -> Engine:
+    """The unstarted engine over the local model: batched in one context, or a context per worker."""
+    return (batched_engine if settings.model.batched else llama_engine)(settings, model_path)
+
+
 @asynccontextmanager
 async def services(settings: Settings, engine: Engine) -> AsyncIterator[ChatService]:
     """Open the database and start the engine; close both on the way out."""
@@ -109,7 +115,7 @@ async def chat_main(
 ) -> None:
     """Run the terminal chat (playing `card` when given)."""
     user_name = args.name or getpass.getuser() or "User"
-    async with services(settings, batched_engine(settings, model_path)) as service:
+    async with services(settings, model_engine(settings, model_path)) as service:
         await run_chat(service, service.engine, session_name=args.session, persona=persona, user_name=user_name,
                        stdin=stdin or sys.stdin, stdout=stdout or sys.stdout, card=card)
 
@@ -144,5 +150,5 @@ async def serve(bot: TavernBot, token: str, *, grace: float = SHUTDOWN_GRACE) ->
 
 async def run_main(settings: Settings, model_path: str, token: str) -> None:
     """Run the Discord bot over the llama engine and the configured database."""
-    async with services(settings, batched_engine(settings, model_path)) as service:
+    async with services(settings, model_engine(settings, model_path)) as service:
         await serve(discord_bot(settings, service), token)

@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     os.environ["TAVERNKEEP_DISCORD_REPLY_DELAY_SECONDS"] = "0"  # SimCord's clock stands still here
     backend = FakeBackend(STORY, token_delay=TOKEN_DELAY)
     app.model_path_for = lambda _settings: "model.gguf"
-    app.llama_engine = lambda _settings, _path: fake_engine(backend)
+    app.model_engine = lambda _settings, _path: fake_engine(backend)
     app.serve = functools.partial(app.serve, grace=grace)
     TavernBot.start = start_in_simcord  # type: ignore[method-assign]
     return entry.main(["run"])

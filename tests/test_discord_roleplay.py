@@ -603,7 +603,7 @@ def runner(db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Fake
     monkeypatch.setenv("DISCORD_TOKEN", "not-a-real-token")
     monkeypatch.setenv("TAVERNKEEP_DATABASE_URL", db_url)
     monkeypatch.setattr(app, "model_path_for", lambda _settings: "model.gguf")
-    monkeypatch.setattr(app, "llama_engine", lambda _settings, _path: fake_engine(backend))
+    monkeypatch.setattr(app, "model_engine", lambda _settings, _path: fake_engine(backend))
     return backend
 
 

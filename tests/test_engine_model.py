@@ -10,11 +10,11 @@ from dataclasses import replace
 
 import pytest
 
+from bot.app import model_engine
 from bot.config import ModelSettings, Settings
 from bot.core.sessions import generation_request
 from bot.inference.api import Finished, GenerationRequest, Sampling, Started, Text
 from bot.inference.engine import Engine
-from bot.inference.local.llama import llama_engine
 from bot.prompt.builder import Conversation, PromptTurn
 
 pytestmark = pytest.mark.model
@@ -51,7 +51,7 @@ async def run(generation) -> tuple[str, Finished, list]:
 
 
 async def test_real_model_streams_a_reply(demo_model_path):
-    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    engine = model_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
         text, finished, events = await run(engine.generate(await request(engine, "c1", "Hello! Who are you?")))
@@ -67,7 +67,7 @@ async def test_real_model_streams_a_reply(demo_model_path):
 
 
 async def test_on_worker_sees_the_context_the_reply_was_generated_in(demo_model_path):
-    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    engine = model_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
         req = await request(engine, "c1", "Hello! Who are you?")
@@ -87,7 +87,7 @@ async def test_on_worker_sees_the_context_the_reply_was_generated_in(demo_model_
 
 
 async def test_real_model_same_seed_same_reply(demo_model_path):
-    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    engine = model_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
         first, _, _ = await run(engine.generate(await request(engine, "c1", "Tell me about your ship.")))
@@ -98,7 +98,7 @@ async def test_real_model_same_seed_same_reply(demo_model_path):
 
 
 async def test_real_model_two_workers_serve_two_channels_and_loop_stays_free(demo_model_path):
-    engine = llama_engine(make_settings(demo_model_path, workers=2), str(demo_model_path))
+    engine = model_engine(make_settings(demo_model_path, workers=2), str(demo_model_path))
     await engine.start()
     gaps: list[float] = []
     stop = asyncio.Event()
@@ -130,7 +130,7 @@ async def test_real_model_two_workers_serve_two_channels_and_loop_stays_free(dem
 
 
 async def test_real_model_cancellation_frees_the_worker(demo_model_path):
-    engine = llama_engine(make_settings(demo_model_path), str(demo_model_path))
+    engine = model_engine(make_settings(demo_model_path), str(demo_model_path))
     await engine.start()
     try:
         gen = engine.generate(await request(engine, "c1", "Tell me a very long story.", max_new_tokens=400))
@@ -258,7 +258,7 @@ async def test_regenerate_with_a_fixed_seed_gives_a_new_text_and_a_first_reply_s
 
     settings = Settings(model=ModelSettings(path=str(demo_model_path), n_ctx=1024, threads=1, seed=42,
                                             max_new_tokens=24))
-    engine = llama_engine(settings, str(demo_model_path))
+    engine = model_engine(settings, str(demo_model_path))
     await engine.start()
     database = await Database.open(db_url)
     try:

@@ -135,8 +135,9 @@ class SharedContext:
         self._in_batch: list[SequenceBackend] = []
         self._abort = llama_cpp.ggml_abort_callback(self._should_abort)
         llama_cpp.llama_set_abort_callback(self.ctx, self._abort, None)
-        self._slots = [SequenceBackend(self, seq) for seq in range(sequences)]
+        self.slots = [SequenceBackend(self, seq) for seq in range(sequences)]
         self._handed_out = 0
+        self.switching = threading.Lock()
         self._open = sequences
         self._tasks: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._active: list[SequenceBackend] = []
@@ -150,7 +151,7 @@ class SharedContext:
 
     def sequence(self) -> SequenceBackend:
         """The next sequence not handed out yet (one per Engine worker)."""
-        slot = self._slots[self._handed_out]
+        slot = self.slots[self._handed_out]
         self._handed_out += 1
         return slot
 
@@ -173,7 +174,7 @@ class SharedContext:
             self._closed = True
             self._wake.notify()
         self._thread.join()
-        for slot in self._slots:
+        for slot in self.slots:
             slot.free_sampler()
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.ctx)
@@ -325,7 +326,7 @@ class SharedContext:
 
     def _should_abort(self, _data: object) -> bool:
         batch = self._in_batch
-        return bool(batch) and all(slot.reply is None or slot.reply.stop() for slot in batch)
+        return bool(batch) and all(slot.reply is not None and slot.reply.stop() for slot in batch)
 
     # ---------------------------------------------------------------- sequence operations (decode thread)
 
@@ -347,6 +348,19 @@ class SharedContext:
         for token in prompt[-PENALTY_LAST_N:]:
             lib.llama_sampler_accept(chain, token)
         return chain
+
+    def next_logits(self, slot: SequenceBackend, prompt: Sequence[int]) -> np.ndarray:
+        """Evaluate what `slot`'s sequence lacks of `prompt` and return a copy of the next token's logits."""
+        self.trim(slot, min(common_prefix(slot.held, prompt), len(prompt) - 1))
+        for start in range(len(slot.held), len(prompt), self.n_batch):
+            chunk = prompt[start : start + self.n_batch]
+            part = [(t, start + i, slot, start + i == len(prompt) - 1) for i, t in enumerate(chunk)]
+            if self._decode_once(part) != 0:
+                self._drop_uncommitted(slot)
+                raise RuntimeError("llama_decode failed")
+            slot.held.extend(chunk)
+        logits = self.lib.llama_get_logits_ith(self.ctx, -1)  # the last output: the prompt's last token
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 
     def trim(self, slot: SequenceBackend, keep: int) -> None:
         """Keep only the first `keep` tokens of `slot`'s sequence."""
@@ -410,8 +424,9 @@ class SequenceBackend:
 
     def cached_tokens(self, key: str) -> Sequence[int]:
         """Tokens of the KV cache a request of `key` starts from: its saved state, else the live one."""
-        if self.key != key and self.cache is not None:
-            saved = self.cache.tokens(key)
+        if self.key != key:
+            holder = next((s for s in self.shared.slots if s is not self and s.key == key), None)
+            saved = holder.held if holder is not None else self.cache.tokens(key) if self.cache is not None else None
             if saved is not None:
                 return saved
         return self.held
@@ -420,9 +435,17 @@ class SequenceBackend:
         """Make the sequence hold `key` (saving the previous channel's state); return reused prompt tokens."""
         shared = self.shared
         if self.key != key:
-            self.save_current()
-            self.key = key
-            saved = self.cache.take(key) if self.cache is not None else None
+            # One switch at a time: a channel whose state another sequence still holds live (its
+            # worker has not switched yet) is copied from there instead of missing the cache.
+            with shared.switching:
+                self.save_current()
+                self.key = key
+                holder = next((s for s in shared.slots if s is not self and s.key == key), None)
+                if holder is not None:
+                    holder.key = None  # its worker will not save this channel again
+                    saved = shared.call(lambda: SavedState(tuple(holder.held), shared.state_bytes(holder)))
+                else:
+                    saved = self.cache.take(key) if self.cache is not None else None
             if saved is not None and (slide or common_prefix(saved.tokens, prompt) > common_prefix(
                 self.held, prompt
             )):
@@ -433,6 +456,10 @@ class SequenceBackend:
             shared.call(lambda: shared.shift(self, head, slide))
         # The reply starts by trimming the sequence to this (`tokens`); its last token gives fresh logits.
         return min(common_prefix(self.held, prompt), len(prompt) - 1)
+
+    def next_logits(self, prompt: list[int]) -> np.ndarray:
+        """The logits after `prompt`, evaluating what the sequence does not hold yet (for checks and benchmarks)."""
+        return self.shared.call(lambda: self.shared.next_logits(self, prompt))
 
     def save_current(self) -> None:
         """Save the channel this sequence holds into the shared cache (copied on the decode thread)."""
