@@ -1,4 +1,8 @@
-"""KV-cache reuse on the real demo model: reused and restored caches give the logits of a full evaluation."""
+"""KV-cache reuse on the real demo model: reused and restored caches give the logits of a full evaluation.
+
+Each test runs on both local backends: a sequence of the batched context (what the bot runs) and
+the context-per-worker backend it replaced (kept for measurement side by side).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from bot.config import CacheSettings, ModelSettings
 from bot.core.sessions import generation_request
 from bot.inference.api import GenerationRequest, GenerationStats, Sampling
 from bot.inference.engine import run_generation
+from bot.inference.local.batched import SequenceBackend, SharedContext
 from bot.inference.local.llama import LlamaBackend
 from bot.inference.local.state_cache import StateCache
 from bot.inference.window import common_prefix
@@ -24,20 +29,45 @@ GREEDY = Sampling(temperature=0.0, seed=1)
 PERSONA = "Enter roleplay mode. You must act as Bob, a cheerful pirate who loves maps and parrots."
 
 
-def backend(path, cache: StateCache | None = None, *, n_ctx: int = 512, shift: bool = True) -> LlamaBackend:
-    model = ModelSettings(path=str(path), n_ctx=n_ctx, threads=1)
-    return LlamaBackend(str(path), model, cache=cache, cache_settings=CacheSettings(context_shift=shift))
+Backend = LlamaBackend | SequenceBackend
 
 
-@pytest.fixture(scope="module")
-def fresh(demo_model_path):
+KIND = "batched"
+
+
+@pytest.fixture(params=["batched", "per-worker"], autouse=True)
+def kind(request) -> str:
+    global KIND
+    KIND = request.param
+    return request.param
+
+
+def backend(path, cache: StateCache | None = None, *, n_ctx: int = 512, shift: bool = True, **model) -> Backend:
+    settings = ModelSettings(path=str(path), n_ctx=n_ctx, threads=1, **model)
+    cache_settings = CacheSettings(context_shift=shift)
+    if KIND == "batched":
+        return SharedContext(str(path), settings, 1, cache=cache, cache_settings=cache_settings).sequence()
+    return LlamaBackend(str(path), settings, cache=cache, cache_settings=cache_settings)
+
+
+@pytest.fixture
+def fresh(demo_model_path, kind):
     b = backend(demo_model_path)
     yield b
     b.close()
 
 
-def next_logits(b: LlamaBackend, prompt: list[int]) -> np.ndarray:
+def reset(b: Backend) -> None:
+    if isinstance(b, SequenceBackend):
+        b.reset()
+    else:
+        b.llm.reset()
+
+
+def next_logits(b: Backend, prompt: list[int]) -> np.ndarray:
     """Evaluate what `prompt` still needs and return the logits for the token after it."""
+    if isinstance(b, SequenceBackend):
+        return b.next_logits(prompt)
     gen = b.tokens(prompt, GREEDY, lambda: False)
     next(gen)
     logits = np.ctypeslib.as_array(b.llm._ctx.get_logits_ith(-1), shape=(b.llm.n_vocab(),)).copy()
@@ -45,8 +75,8 @@ def next_logits(b: LlamaBackend, prompt: list[int]) -> np.ndarray:
     return logits
 
 
-def full_logits(b: LlamaBackend, prompt: list[int]) -> np.ndarray:
-    b.llm.reset()
+def full_logits(b: Backend, prompt: list[int]) -> np.ndarray:
+    reset(b)
     return next_logits(b, prompt)
 
 
@@ -62,7 +92,7 @@ def conversation(*texts: str) -> Conversation:
     return Conversation(system=PERSONA, turns=turns)
 
 
-def prompt_of(b: LlamaBackend, *texts: str) -> list[int]:
+def prompt_of(b: Backend, *texts: str) -> list[int]:
     return build_prompt(b.tokenizer, conversation(*texts), n_ctx=b.n_ctx, max_new_tokens=32).tokens
 
 
@@ -141,7 +171,7 @@ def test_state_round_trips_as_a_read_only_view_and_as_bytes(demo_model_path, fre
         assert isinstance(state.obj, mmap.mmap)  # its own pages, given back to the OS when dropped
         # As saved in RAM (the view itself) and as read back from disk (bytes).
         for data in (state, bytes(state)):
-            b.llm.reset()
+            reset(b)
             b.restore(tokens, data)
             assert b.live_tokens() == tokens
             assert_same(next_logits(b, p), full_logits(fresh, p))
@@ -149,7 +179,7 @@ def test_state_round_trips_as_a_read_only_view_and_as_bytes(demo_model_path, fre
         b.close()
 
 
-def long_request(b: LlamaBackend, turns: int, max_new: int = 16) -> tuple[GenerationRequest, Prompt]:
+def long_request(b: Backend, turns: int, max_new: int = 16) -> tuple[GenerationRequest, Prompt]:
     texts = [f"Line {i}: the parrot squawks about island number {i} and its golden sand." for i in range(turns)]
     return generation_request(b.tokenizer, conversation(*texts), key="a", n_ctx=b.n_ctx, max_new_tokens=max_new,
                               sampling=GREEDY)
@@ -207,7 +237,7 @@ def test_cache_bytes_are_bounded_and_accounted(demo_model_path):
         assert size > 0
         b.cache = StateCache(size + 4 * len(p) + 10)
         b.save_current()
-        assert b.cache.ram_used == size + 4 * b.llm.n_tokens
+        assert b.cache.ram_used == size + 4 * len(b.live_tokens())
         b.key = "b"
         b.save_current()  # a second entry does not fit beside the first: the older one leaves
         assert b.cache.ram_used <= b.cache.ram_budget and "a" not in b.cache and "b" in b.cache
@@ -216,8 +246,7 @@ def test_cache_bytes_are_bounded_and_accounted(demo_model_path):
 
 
 def test_quantized_kv_cache_loads_and_its_state_is_smaller(demo_model_path):
-    model = ModelSettings(path=str(demo_model_path), n_ctx=256, threads=1, kv_type="q8_0", flash_attn=True)
-    small = LlamaBackend(str(demo_model_path), model)
+    small = backend(demo_model_path, n_ctx=256, kv_type="q8_0", flash_attn=True)
     big = backend(demo_model_path, n_ctx=256)
     try:
         p = prompt_of(big, "Where is the treasure?")

@@ -418,9 +418,18 @@ class SequenceBackend:
         self.reply: _Reply | None = None
         self._sampler: Any = None
 
+    @property
+    def can_shift(self) -> bool:
+        """Whether the model's KV cache can move tokens (the context shift)."""
+        return self.shared.can_shift
+
     def live_tokens(self) -> list[int]:
         """Tokens whose keys and values the sequence holds now."""
         return list(self.held)
+
+    def reset(self) -> None:
+        """Empty the sequence (its channel's state is not saved)."""
+        self.shared.call(lambda: self.shared.trim(self, 0))
 
     def cached_tokens(self, key: str) -> Sequence[int]:
         """Tokens of the KV cache a request of `key` starts from: its saved state, else the live one."""
