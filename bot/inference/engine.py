@@ -359,6 +359,9 @@ class Engine:
         if chosen is None:
             chosen = next((w for w in self._idle if w.last_key not in self._pending), self._idle[0])
         self._idle.remove(chosen)
+        for worker in self._workers:
+            if worker.last_key == key:
+                worker.last_key = None  # the key's state moves to `chosen` (saved, or handed over live)
         chosen.last_key = key
         return chosen
 
