@@ -253,6 +253,9 @@ class SharedContext:
                     entries.append((reply.prompt[reply.evaluated + i], base + i, slot, last and i == take - 1))
                 room -= take
         if entries:
+            # With a KV stream per sequence llama.cpp puts sequences in one micro-batch only in
+            # order of consecutive ids (`split_equal`): sorted, all active sequences decode together.
+            entries.sort(key=lambda entry: (entry[2].seq, entry[1]))
             self._decode(entries)
 
     def _decode(self, entries: list[tuple[int, int, SequenceBackend, bool]]) -> None:
