@@ -25,6 +25,7 @@ from bot.discord_front.client import TavernBot, create_bot
 from bot.inference.engine import Engine
 from bot.inference.local.demo_model import DemoModelError, resolve_model_path
 from bot.inference.local.llama import llama_engine
+from bot.inference.remote.backend import remote_engine
 from bot.terminal import run_chat
 from persistence.database import Database
 from persistence.repository import Repository
@@ -84,6 +85,16 @@ def model_path_for(settings: Settings) -> str:
     return str(path)
 
 
+def build_engine(settings: Settings, model_path: str) -> Engine:
+    """The unstarted engine `inference.backend` chooses: llama.cpp in this process, or inference servers.
+
+    With servers, `model_path` is read for its vocabulary only: prompts are tokenized here, as token ids.
+    """
+    if settings.inference.backend != "local":
+        return remote_engine(settings, model_path)
+    return llama_engine(settings, model_path)
+
+
 @asynccontextmanager
 async def services(settings: Settings, engine: Engine) -> AsyncIterator[ChatService]:
     """Open the database and start the engine; close both on the way out."""
@@ -109,7 +120,7 @@ async def chat_main(
 ) -> None:
     """Run the terminal chat (playing `card` when given)."""
     user_name = args.name or getpass.getuser() or "User"
-    async with services(settings, llama_engine(settings, model_path)) as service:
+    async with services(settings, build_engine(settings, model_path)) as service:
         await run_chat(service, service.engine, session_name=args.session, persona=persona, user_name=user_name,
                        stdin=stdin or sys.stdin, stdout=stdout or sys.stdout, card=card)
 
@@ -144,5 +155,5 @@ async def serve(bot: TavernBot, token: str, *, grace: float = SHUTDOWN_GRACE) ->
 
 async def run_main(settings: Settings, model_path: str, token: str) -> None:
     """Run the Discord bot over the llama engine and the configured database."""
-    async with services(settings, llama_engine(settings, model_path)) as service:
+    async with services(settings, build_engine(settings, model_path)) as service:
         await serve(discord_bot(settings, service), token)
