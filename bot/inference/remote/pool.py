@@ -366,7 +366,7 @@ class ServerPool:
                 more = await asyncio.get_running_loop().run_in_executor(None, self.continuation, bytes(streamed))
                 attempt = [*prompt, *more]
             try:
-                await self._run_on(server, key, attempt, sampling, forward)
+                put(await self._run_on(server, key, attempt, sampling, forward))
                 return
             except ServerFailed as exc:
                 failed.append(server)
@@ -377,7 +377,8 @@ class ServerPool:
 
     async def _run_on(
         self, server: Server, key: str, prompt: list[int], sampling: Sampling, forward: Callable[[Event], None]
-    ) -> None:
+    ) -> End:
+        """Stream one attempt on `server`, forwarding its pieces; return how it ended."""
         slot = await self._acquire(server, key)
         tokens: list[int] = []
         end: End | None = None
@@ -420,6 +421,7 @@ class ServerPool:
             if figures is not None:
                 timings = {**figures.timings, **(end.timings if end is not None else {})}
                 self.last_figures = ServerFigures(server.url, len(prompt), figures.evaluated, figures.cached, timings)
+        return end
 
     async def _stream(
         self, server: Server, slot: Slot, prompt: list[int], sampling: Sampling, collect: Callable[[Event], None]
