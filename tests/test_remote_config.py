@@ -41,6 +41,14 @@ def test_bad_inference_settings_stop_the_start(env: dict[str, str], message: str
     assert message in str(caught.value)
 
 
+def test_the_composition_root_builds_the_engine_the_config_names(demo_model_path: Path) -> None:
+    from bot import app
+
+    remote = Settings(inference=InferenceSettings(backend="openai", servers=["http://127.0.0.1:9"]))
+    assert isinstance(app.build_engine(remote, str(demo_model_path)), RemoteEngine)
+    assert not isinstance(app.build_engine(Settings(), str(demo_model_path)), RemoteEngine)
+
+
 class FakeServer:
     """Answers as llama-server does: `loading` 503s first, then `reply` streamed; `n_ctx` per slot."""
 

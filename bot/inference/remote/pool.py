@@ -421,6 +421,7 @@ class ServerPool:
             if figures is not None:
                 timings = {**figures.timings, **(end.timings if end is not None else {})}
                 self.last_figures = ServerFigures(server.url, len(prompt), figures.evaluated, figures.cached, timings)
+        assert end is not None  # the loop only ends with a stream that ended
         return end
 
     async def _stream(
