@@ -26,6 +26,7 @@ from bot.inference.engine import Engine
 from bot.inference.local.batched import batched_engine
 from bot.inference.local.demo_model import DemoModelError, resolve_model_path
 from bot.inference.local.llama import llama_engine
+from bot.inference.remote.backend import remote_engine
 from bot.terminal import run_chat
 from persistence.database import Database
 from persistence.repository import Repository
@@ -86,7 +87,13 @@ def model_path_for(settings: Settings) -> str:
 
 
 def model_engine(settings: Settings, model_path: str) -> Engine:
-    """The unstarted engine over the local model: batched in one context, or a context per worker."""
+    """The unstarted engine `inference.backend` chooses: llama.cpp in this process, or inference servers.
+
+    Locally the model is batched in one context (or, with `model.batched = false`, a context per
+    worker). With servers, `model_path` is read for its vocabulary only: prompts are tokenized here.
+    """
+    if settings.inference.backend != "local":
+        return remote_engine(settings, model_path)
     return (batched_engine if settings.model.batched else llama_engine)(settings, model_path)
 
 

@@ -136,6 +136,42 @@ class CharacterSettings(_Section):
     lore_depth: int = Field(4, ge=0, le=100, description="depth that other before/after-character lore moves to")
 
 
+class InferenceSettings(_Section):
+    """Where replies are generated: in this process, or on inference servers."""
+
+    backend: Literal["local", "llama-server", "openai"] = Field(
+        "local", description="local llama.cpp, llama.cpp's llama-server, or an OpenAI-compatible /v1/completions"
+    )
+    servers: list[str] = Field(default_factory=list, description="base URLs of the inference servers")
+    slots_per_server: int = Field(
+        0, ge=0, le=256, description="replies each server generates at once; 0 = its slot count (/props), else 1"
+    )
+    n_ctx: int = Field(0, ge=0, le=1048576, description="context per reply when a server reports none; 0 = ask it")
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=300, description="time limit for reaching a server")
+    read_timeout_seconds: float = Field(
+        300.0, gt=0, le=3600, description="longest silence on a reply stream (prompt evaluation included)"
+    )
+    health_interval_seconds: float = Field(10.0, gt=0, le=3600, description="pause between health checks")
+    load_wait_seconds: float = Field(300.0, ge=0, le=3600, description="how long to wait for a server still loading")
+
+    @field_validator("servers")
+    @classmethod
+    def _base_urls(cls, value: list[str]) -> list[str]:
+        urls = [url.strip().rstrip("/") for url in value]
+        for url in urls:
+            if not url.startswith(("http://", "https://")) or len(url) <= len("https://"):
+                raise ValueError(f"{url!r} is not an http:// or https:// base URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError("the same server is listed twice")
+        return urls
+
+    @model_validator(mode="after")
+    def _servers_for_remote(self) -> InferenceSettings:
+        if self.backend != "local" and not self.servers:
+            raise ValueError(f"backend = {self.backend!r} needs at least one URL in servers")
+        return self
+
+
 class LoggingSettings(_Section):
     """Log output."""
 
@@ -152,6 +188,7 @@ class Settings(_Section):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     characters: CharacterSettings = Field(default_factory=CharacterSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
 
@@ -191,7 +228,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"environment ({name}): no such setting{hint}")
         section, key = known[name]
         raw: Any = value
-        if key == "command_guilds":
+        if key in ("command_guilds", "servers"):
             raw = [part.strip() for part in value.split(",") if part.strip()]
         out.setdefault(section, {})[key] = raw
     return out

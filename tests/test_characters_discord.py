@@ -271,11 +271,11 @@ async def test_the_cards_own_lorebook_examples_and_post_history_shape_the_prompt
 @pytest.mark.model
 async def test_a_whole_scene_on_the_demo_model(db_url, demo_model_path) -> None:
     """Import, greeting, two characters answering by name, a regenerate kept as a swipe, lore in the prompt."""
+    from bot.app import model_engine
     from bot.config import Settings
-    from bot.inference.local.llama import llama_engine
 
     settings = Settings.model_validate({"model": {"n_ctx": 1024, "threads": 2, "max_new_tokens": 24, "seed": 7}})
-    engine = llama_engine(settings, str(demo_model_path))
+    engine = model_engine(settings, str(demo_model_path))
     book = {"entries": [{"keys": ["moon"], "content": "The moon is made of glass.", "enabled": True,
                          "insertion_order": 1, "extensions": {"position": 4, "depth": 1, "role": 0}}]}
     async with bot_env(db_url, engine=engine, settings=settings, settle_timeout=120) as t:

@@ -16,6 +16,7 @@ import simcord
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bot.app import model_engine
 from bot.config import Settings
 from bot.discord_front.client import INITIAL_EXTENSIONS, TavernBot, command_tree_hash, create_bot
 from bot.discord_front.replies import (
@@ -30,7 +31,6 @@ from bot.discord_front.replies import (
 )
 from bot.discord_front.replies.buttons import SWIPE_COUNT_ID, SWIPE_NEXT_ID, SWIPE_PREV_ID
 from bot.errors import GenerationFailed
-from bot.inference.local.llama import llama_engine
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
 from tests.discord_fixtures import (
@@ -577,7 +577,7 @@ async def test_api_base_url_points_rest_calls_elsewhere(db_url: str, monkeypatch
 @pytest.mark.model
 async def test_real_model_reply_streams_and_is_stored(db_url: str, demo_model_path: Path) -> None:
     settings = Settings.model_validate({"model": {"n_ctx": 1024, "threads": 2, "max_new_tokens": 32, "seed": 7}})
-    engine = llama_engine(settings, str(demo_model_path))
+    engine = model_engine(settings, str(demo_model_path))
     async with bot_env(db_url, engine=engine, settings=settings, settle_timeout=60) as t:
         tavern = tavern_guild(t.env)
         await start_session(t, tavern, persona="Mira is a cheerful innkeeper who loves to talk.")
