@@ -299,7 +299,8 @@ async def test_a_whole_scene_on_the_demo_model(db_url, demo_model_path) -> None:
         named = [m for m in replies(tavern.channel)[1:] if m.content.strip()]
         assert named, "the demo model wrote something"
         for message in named:
-            assert "<|" not in message.content and "\nGrim:" not in message.content and "\nMira:" not in message.content
+            assert not any(marker in message.content for marker in ("<|user|>", "<|model|>", "<|system|>"))
+            assert "\nGrim:" not in message.content and "\nMira:" not in message.content
         last = replies(tavern.channel)[-1]
         before = (await stored_turns(t, tavern.channel))[-1]
         await tavern.alice.click(last, custom_id=REGENERATE_ID)
