@@ -55,3 +55,10 @@ def _discord_webhooks() -> Iterator[None]:
     characters speak through webhooks in every Discord test."""
     with discord_webhooks():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _state_cache_in_tmp(tmp_path_factory, monkeypatch) -> None:
+    """Saved KV states of the tests' engines go to a temporary directory, never the user cache."""
+    states = tmp_path_factory.mktemp("states")
+    monkeypatch.setattr("bot.inference.local.state_cache.default_state_dir", lambda: states)

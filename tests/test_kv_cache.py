@@ -54,12 +54,12 @@ def test_states_leaving_ram_spill_to_disk_within_its_budget(tmp_path):
     # RAM holds d; disk holds b and c (a fell off the disk tier, 3 x 400 > 900).
     assert cache.ram_used == 400 and cache.disk_used == 800
     assert "a" not in cache and all(k in cache for k in "bcd")
-    assert len(list(tmp_path.glob("*.kvstate"))) == 2
+    assert len(list(tmp_path.glob("**/*.kvstate"))) == 2
     saved = cache.take("b")
     assert saved is not None and saved.data == b"b" * 392 and saved.tokens == (1, 2)
-    assert cache.disk_used == 400 and len(list(tmp_path.glob("*.kvstate"))) == 1
+    assert cache.disk_used == 400 and len(list(tmp_path.glob("**/*.kvstate"))) == 1
     cache.clear()
-    assert cache.disk_used == 0 and not list(tmp_path.glob("*.kvstate"))
+    assert cache.disk_used == 0 and not list(tmp_path.glob("**/*.kvstate"))
 
 
 

@@ -29,7 +29,7 @@ from bot.config import CacheSettings, ModelSettings, Settings
 from bot.inference.api import Sampling
 from bot.inference.engine import Engine
 from bot.inference.local.llama import KV_TYPES, N_BATCH, state_cache
-from bot.inference.local.state_cache import SavedState, StateCache, os_buffer
+from bot.inference.local.state_cache import SavedState, StateCache, os_buffer, worth_restoring
 from bot.inference.window import common_prefix
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class SharedContext:
     """The model, one context of `sequences` sequences, and the decode thread that owns them."""
 
     def __init__(self, model_path: str, settings: ModelSettings, sequences: int, *, cache: StateCache | None,
-                 cache_settings: CacheSettings, n_batch: int = N_BATCH) -> None:
+                 cache_settings: CacheSettings, n_batch: int = N_BATCH, own_cache: bool = False) -> None:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
         from llama_cpp._logger import set_verbose  # llama.cpp's log callback, as `Llama(verbose=False)` sets it
@@ -128,6 +128,7 @@ class SharedContext:
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.cache = cache
+        self.own_cache = own_cache  # closed (its disk tier removed) with the model
         self.cache_settings = cache_settings
         # Prompt evaluation speed measured here, for choosing between restoring a state and evaluating.
         self.prompt_tokens = 0
@@ -179,6 +180,8 @@ class SharedContext:
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.ctx)
         self.model.close()
+        if self.own_cache and self.cache is not None:
+            self.cache.close()
 
     # ---------------------------------------------------------------- the decode thread
 
@@ -331,6 +334,10 @@ class SharedContext:
         batch = self._in_batch
         return bool(batch) and all(slot.reply is not None and slot.reply.stop() for slot in batch)
 
+    def prompt_speed(self) -> float | None:
+        """Prompt tokens evaluated per second, as measured on this context so far."""
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else None
+
     # ---------------------------------------------------------------- sequence operations (decode thread)
 
     def sampler(self, sampling: Sampling, prompt: Sequence[int]) -> Any:
@@ -457,7 +464,7 @@ class SequenceBackend:
                     holder.key = None  # its worker will not save this channel again
                     saved = shared.call(lambda: SavedState(tuple(holder.held), shared.state_bytes(holder)))
                 else:
-                    saved = self.cache.take(key) if self.cache is not None else None
+                    saved = self._take_if_worth_it(key, prompt)
             if saved is not None and (slide or common_prefix(saved.tokens, prompt) > common_prefix(
                 self.held, prompt
             )):
@@ -468,6 +475,19 @@ class SequenceBackend:
             shared.call(lambda: shared.shift(self, head, slide))
         # The reply starts by trimming the sequence to this (`tokens`); its last token gives fresh logits.
         return min(common_prefix(self.held, prompt), len(prompt) - 1)
+
+    def _take_if_worth_it(self, key: str, prompt: list[int]) -> SavedState | None:
+        """`key`'s saved state, if reading it back is quicker than evaluating what it holds of `prompt`."""
+        if self.cache is None:
+            return None
+        tokens = self.cache.tokens(key)
+        if tokens is None:
+            return None
+        saves = common_prefix(tokens, prompt) - common_prefix(self.held, prompt)
+        if not worth_restoring(self.cache.restore_seconds(key), saves, self.shared.prompt_speed()):
+            self.cache.discard(key)  # this turn makes it stale anyway
+            return None
+        return self.cache.take(key)
 
     def next_logits(self, prompt: list[int]) -> np.ndarray:
         """The logits after `prompt`, evaluating what the sequence does not hold yet (for checks and benchmarks)."""
@@ -553,11 +573,12 @@ class _Sequences:
 
 def batched_engine(settings: Settings, model_path: str, cache: StateCache | None = None) -> Engine:
     """An unstarted Engine over one model and one batched context of `model.workers` sequences."""
-    shared_cache = cache if cache is not None else state_cache(settings.cache)
+    own = cache is None
+    shared_cache = state_cache(settings.cache) if cache is None else cache
     sequences = settings.model.workers
     return Engine(
         _Sequences(lambda: SharedContext(model_path, settings.model, sequences, cache=shared_cache,
-                                         cache_settings=settings.cache)),
+                                         cache_settings=settings.cache, own_cache=own)),
         workers=sequences,
         queue_size=settings.engine.queue_size,
         per_key_queue=settings.engine.per_channel_queue,

@@ -13,7 +13,7 @@ import numpy as np
 from bot.config import CacheSettings, ModelSettings, Settings
 from bot.inference.api import Sampling
 from bot.inference.engine import Engine
-from bot.inference.local.state_cache import StateCache, os_buffer
+from bot.inference.local.state_cache import StateCache, cache_budgets, os_buffer
 from bot.inference.window import common_prefix
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,8 @@ class LlamaBackend:
 
 def state_cache(settings: CacheSettings) -> StateCache:
     """The saved-state cache the workers of one engine share."""
-    return StateCache(settings.ram_bytes, settings.disk_dir or None, settings.disk_bytes)
+    budgets = cache_budgets(settings.ram_bytes, settings.disk_dir, settings.disk_bytes)
+    return StateCache(budgets.ram_bytes, budgets.disk_dir, budgets.disk_bytes)
 
 
 def llama_engine(settings: Settings, model_path: str, cache: StateCache | None = None) -> Engine:
