@@ -77,9 +77,17 @@ class EngineSettings(_Section):
 class CacheSettings(_Section):
     """KV-cache reuse: saved channel states and the sliding window."""
 
-    ram_bytes: int = Field(512 * 2**20, ge=0, description="saved channel states kept in RAM, in bytes")
-    disk_dir: str = Field("", description="directory for states that leave RAM; empty = no disk tier")
-    disk_bytes: int = Field(4 * 2**30, ge=0, description="saved channel states kept on disk, in bytes")
+    ram_bytes: int = Field(
+        -1, ge=-1, description="saved channel states kept in RAM, in bytes; -1 = a quarter of the RAM, 0 = none"
+    )
+    disk_dir: str = Field(
+        "", description="directory for states that leave RAM, shared by processes (each uses a subdirectory); "
+        "empty = $XDG_CACHE_HOME (or ~/.cache)/tavernkeep/states"
+    )
+    disk_bytes: int = Field(
+        -1, ge=-1, description="saved channel states kept on disk, in bytes; "
+        "-1 = half the free space at start (at most 32 GiB), 0 = no disk tier"
+    )
     context_shift: bool = Field(True, description="shift old turns out of the KV cache instead of re-evaluating")
     trim_fraction: float = Field(0.5, ge=0.05, le=0.9, description="share of the turn room dropped per trim")
 

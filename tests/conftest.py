@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.inference.local import state_cache
 from bot.inference.local.demo_model import ensure_demo_model
 from persistence import Database, Repository
 from tests.model_files import ensure_spm_vocab
@@ -55,3 +56,13 @@ def _discord_webhooks() -> Iterator[None]:
     characters speak through webhooks in every Discord test."""
     with discord_webhooks():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _states_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Saved states that leave RAM go to a temporary directory, never into the user cache directory:
+    in this process (the default location) and in bots the tests start (the environment)."""
+    states = tmp_path_factory.mktemp("states")
+    monkeypatch.setattr(state_cache, "default_states_dir", lambda env=None: states)
+    monkeypatch.setenv("TAVERNKEEP_CACHE_DISK_DIR", str(states))
+    return states

@@ -234,8 +234,11 @@ class LlamaBackend:
 
 
 def state_cache(settings: CacheSettings) -> StateCache:
-    """The saved-state cache the workers of one engine share."""
-    return StateCache(settings.ram_bytes, settings.disk_dir or None, settings.disk_bytes)
+    """The saved-state cache the workers of one engine share; budgets of -1 are sized from the machine."""
+    from bot.inference.local import state_cache as states
+
+    disk_dir = settings.disk_dir or states.default_states_dir()
+    return StateCache(settings.ram_bytes, disk_dir if settings.disk_bytes else None, settings.disk_bytes)
 
 
 def llama_engine(settings: Settings, model_path: str, cache: StateCache | None = None) -> Engine:
