@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -517,14 +518,26 @@ def _write_state(path: Path, entry: SavedState) -> None:
 
 
 def _read_state(path: Path) -> SavedState:
-    with path.open("rb") as fh:
-        if fh.read(len(_MAGIC)) != _MAGIC:
+    # Unbuffered, straight into pages mapped for the state: a buffered reader copies a gigabyte
+    # through its own buffer first.
+    with path.open("rb", buffering=0) as fh:
+        head = bytearray(_HEADER)
+        if _read_into(fh, memoryview(head)) != _HEADER or not head.startswith(_MAGIC):
             raise ValueError("not a saved state")
-        n_tokens, n_data = struct.unpack("<QQ", fh.read(16))
-        tokens = array("i")
-        tokens.frombytes(fh.read(4 * n_tokens))
+        n_tokens, n_data = struct.unpack("<QQ", head[len(_MAGIC):])
+        tokens = array("i", bytes(4 * n_tokens))
         data = os_buffer(n_data)
-        read = fh.readinto(data)
-    if len(tokens) != n_tokens or read != n_data:
-        raise ValueError("truncated saved state")
+        complete = _read_into(fh, memoryview(tokens).cast("B")) == 4 * n_tokens
+        if not complete or _read_into(fh, memoryview(data)) < n_data:
+            raise ValueError("truncated saved state")
     return SavedState(tuple(tokens), memoryview(data)[:n_data].toreadonly())
+
+
+def _read_into(fh: BinaryIO, view: memoryview) -> int:
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
