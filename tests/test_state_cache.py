@@ -281,6 +281,14 @@ def test_two_caches_of_one_process_do_not_remove_each_other(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_unwritable_directory_leaves_the_cache_in_ram(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the directory should be")
+    cache = StateCache(1000, blocker / "states", 10_000)
+    assert (cache.disk_budget, cache.directory) == (0, None)
+    assert cache.put("a", [1], b"a" * 100) and not cache.put("big", [1], b"x" * 2000)
+
+
 def test_a_closed_cache_keeps_working_in_ram(tmp_path):
     cache = StateCache(1000, tmp_path, 10_000)
     cache.close()

@@ -123,9 +123,14 @@ class StateCache:
         self._dir: Path | None = None
         self._closed = False
         if base is not None and self.disk_budget:
-            sweep_states_dir(base)
-            self._dir, lock_fd = _claim(base)
-            self._release_dir = weakref.finalize(self, _drop_instance, self._dir, lock_fd)
+            try:
+                sweep_states_dir(base)
+                self._dir, lock_fd = _claim(base)
+            except OSError as exc:  # e.g. a service user without a writable home: RAM only
+                log.warning("no disk tier for saved states in %s: %s", base, exc)
+                self.disk_budget = 0
+            else:
+                self._release_dir = weakref.finalize(self, _drop_instance, self._dir, lock_fd)
 
     @property
     def ram_used(self) -> int:
