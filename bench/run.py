@@ -46,7 +46,7 @@ from bot.core.sessions import generation_request
 from bot.inference.api import Finished, GenerationRequest, GenerationStats, Sampling, Text
 from bot.inference.engine import Engine, run_generation
 from bot.inference.local.llama import N_BATCH, LlamaBackend, llama_params
-from bot.inference.local.state_cache import StateCache, cache_budgets
+from bot.inference.local.state_cache import StateCache
 from bot.prompt.builder import Conversation, Prompt, PromptTurn, build_prompt, longest_token_chars
 from persistence.records import WindowBudget
 
@@ -345,9 +345,7 @@ def bench_interleaved(args: argparse.Namespace) -> list[dict[str, Any]]:
     channels = args.channels
     args.fill_pairs = turns_to_fill(args, f"[ch{channels - 1}]") + 1
     args.measure_from = 1
-    default = Settings().cache
-    ram = cache_budgets(default.ram_bytes, default.disk_dir, default.disk_bytes).ram_bytes
-    cache = StateCache(max(ram, channels * args.state_bytes_hint))
+    cache = StateCache(max(Settings().cache.ram_bytes, channels * args.state_bytes_hint))
     out = []
     for workers, rounds in ((2, range(0, 1 + args.rounds)), (1, range(1 + args.rounds, 1 + 2 * args.rounds))):
         with_reuse = asyncio.run(_interleaved(args, workers, cache, rounds, channels))

@@ -11,7 +11,7 @@ import difflib
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,19 +75,20 @@ class EngineSettings(_Section):
     timeout_seconds: float = Field(300.0, gt=0, le=3600, description="time limit for one reply")
 
 
-AutoBytes = Annotated[int, Field(ge=0)] | Literal["auto"]
-
-
 class CacheSettings(_Section):
     """KV-cache reuse: saved channel states and the sliding window."""
 
-    ram_bytes: AutoBytes = Field(
-        "auto", description="saved channel states kept in RAM, in bytes; auto = a quarter of the RAM")
-    disk_dir: str = Field("auto", description="directory for states that leave RAM; auto = the user cache "
-                          "directory (~/.cache/tavernkeep/states); empty = no disk tier")
-    disk_bytes: AutoBytes = Field(
-        "auto", description="saved channel states kept on disk, in bytes; auto = half the free space, "
-        "at most 64 GiB")
+    ram_bytes: int = Field(
+        -1, ge=-1, description="saved channel states kept in RAM, in bytes; -1 = a quarter of the RAM, 0 = none"
+    )
+    disk_dir: str = Field(
+        "", description="directory for states that leave RAM, shared by processes (each uses a subdirectory); "
+        "empty = $XDG_CACHE_HOME (or ~/.cache)/tavernkeep/states"
+    )
+    disk_bytes: int = Field(
+        -1, ge=-1, description="saved channel states kept on disk, in bytes; "
+        "-1 = half the free space at start (at most 32 GiB), 0 = no disk tier"
+    )
     context_shift: bool = Field(True, description="shift old turns out of the KV cache instead of re-evaluating")
     trim_fraction: float = Field(0.5, ge=0.05, le=0.9, description="share of the turn room dropped per trim")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.inference.local import state_cache
 from bot.inference.local.demo_model import ensure_demo_model
 from persistence import Database, Repository
 from tests.model_files import ensure_spm_vocab
@@ -57,8 +58,12 @@ def _discord_webhooks() -> Iterator[None]:
         yield
 
 
+
 @pytest.fixture(autouse=True)
-def _state_cache_in_tmp(tmp_path_factory, monkeypatch) -> None:
-    """Saved KV states of the tests' engines go to a temporary directory, never the user cache."""
+def _states_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Saved states that leave RAM go to a temporary directory, never into the user cache directory:
+    in this process (the default location) and in bots the tests start (the environment)."""
     states = tmp_path_factory.mktemp("states")
-    monkeypatch.setattr("bot.inference.local.state_cache.default_state_dir", lambda: states)
+    monkeypatch.setattr(state_cache, "default_states_dir", lambda env=None: states)
+    monkeypatch.setenv("TAVERNKEEP_CACHE_DISK_DIR", str(states))
+    return states

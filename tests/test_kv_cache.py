@@ -51,16 +51,20 @@ def test_states_leaving_ram_spill_to_disk_within_its_budget(tmp_path):
     assert not (tmp_path / "stale.kvstate").exists()
     for key in "abcd":
         cache.put(key, [1, 2], key.encode() * 392)
-    # RAM holds d; disk holds b and c (a fell off the disk tier, 3 x 400 > 900).
-    assert cache.ram_used == 400 and cache.disk_used == 800
+    # RAM holds d; disk holds b and c (a fell off the disk tier, 3 files of 422 bytes > 900).
+    assert cache.ram_used == 400 and cache.disk_used == 2 * FILE
     assert "a" not in cache and all(k in cache for k in "bcd")
-    assert len(list(tmp_path.glob("**/*.kvstate"))) == 2
+    assert len(list(tmp_path.glob("*/*.kvstate"))) == 2
     saved = cache.take("b")
     assert saved is not None and saved.data == b"b" * 392 and saved.tokens == (1, 2)
-    assert cache.disk_used == 400 and len(list(tmp_path.glob("**/*.kvstate"))) == 1
+    assert cache.disk_used == FILE and len(list(tmp_path.glob("*/*.kvstate"))) == 1
     cache.clear()
-    assert cache.disk_used == 0 and not list(tmp_path.glob("**/*.kvstate"))
+    assert cache.disk_used == 0 and not list(tmp_path.glob("*/*.kvstate"))
+    cache.close()
+    assert not list(tmp_path.iterdir())
 
+
+FILE = 22 + 400  # a state file: header, then the 400 bytes of tokens and state
 
 
 def test_read_only_buffers_are_kept_without_a_copy_and_writable_ones_are_copied(tmp_path):
@@ -79,7 +83,7 @@ def test_read_only_buffers_are_kept_without_a_copy_and_writable_ones_are_copied(
     # A read-only view of wider items is accounted in bytes and spills to disk intact.
     words = memoryview(bytearray(range(16))).cast("I").toreadonly()
     small = StateCache(ram_bytes=19, disk_dir=tmp_path, disk_bytes=10_000)
-    assert small.put("wide", [7], words) and small.disk_used == 16 + 4
+    assert small.put("wide", [7], words) and small.disk_used == 22 + 16 + 4
     saved = small.take("wide")
     assert saved is not None and saved.data == bytes(range(16)) and saved.tokens == (7,)
 

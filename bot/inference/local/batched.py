@@ -395,7 +395,11 @@ class SharedContext:
         lib = self.lib
         lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
         source = np.frombuffer(saved.data, dtype=np.uint8)
-        if lib.llama_state_seq_set_data(self.ctx, source.ctypes.data_as(_BYTE_POINTER), source.size, slot.seq) == 0:
+        begin = time.perf_counter()
+        loaded = lib.llama_state_seq_set_data(self.ctx, source.ctypes.data_as(_BYTE_POINTER), source.size, slot.seq)
+        if self.cache is not None:
+            self.cache.record_load(source.size, time.perf_counter() - begin)
+        if loaded == 0:
             log.warning("could not restore a saved state of %d tokens; evaluating in full", len(saved.tokens))
             lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
             slot.held = []
@@ -484,7 +488,10 @@ class SequenceBackend:
         if tokens is None:
             return None
         saves = common_prefix(tokens, prompt) - common_prefix(self.held, prompt)
-        if not worth_restoring(self.cache.restore_seconds(key), saves, self.shared.prompt_speed()):
+        seconds = self.cache.restore_seconds(key)
+        if seconds is None:
+            return None
+        if not worth_restoring(seconds, saves, self.shared.prompt_speed() or 0.0):
             self.cache.discard(key)  # this turn makes it stale anyway
             return None
         return self.cache.take(key)

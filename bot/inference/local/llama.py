@@ -13,7 +13,7 @@ import numpy as np
 from bot.config import CacheSettings, ModelSettings, Settings
 from bot.inference.api import Sampling
 from bot.inference.engine import Engine
-from bot.inference.local.state_cache import StateCache, cache_budgets, os_buffer
+from bot.inference.local.state_cache import StateCache, os_buffer
 from bot.inference.window import common_prefix
 
 log = logging.getLogger(__name__)
@@ -234,9 +234,11 @@ class LlamaBackend:
 
 
 def state_cache(settings: CacheSettings) -> StateCache:
-    """The saved-state cache the workers of one engine share."""
-    budgets = cache_budgets(settings.ram_bytes, settings.disk_dir, settings.disk_bytes)
-    return StateCache(budgets.ram_bytes, budgets.disk_dir, budgets.disk_bytes)
+    """The saved-state cache the workers of one engine share; budgets of -1 are sized from the machine."""
+    from bot.inference.local import state_cache as states
+
+    disk_dir = settings.disk_dir or states.default_states_dir()
+    return StateCache(settings.ram_bytes, disk_dir if settings.disk_bytes else None, settings.disk_bytes)
 
 
 def llama_engine(settings: Settings, model_path: str, cache: StateCache | None = None) -> Engine:
