@@ -8,7 +8,8 @@ channel at once (round-robin over the channels), then waits until the bot has no
 The first round is the burst; `--soak-rounds` more rounds follow, with resident memory read after each.
 The fake engine replies with 22 one-byte tokens at `--token-delay` seconds each, so replies overlap
 as they do on a model; `--engine model` runs llama.cpp (the demo model unless `--model`) with
-n_ctx 1024, 24 new tokens, 2 workers of 1 thread.
+n_ctx 1024, 24 new tokens, on the engine `bot.app.model_engine` picks (by default the batched one:
+2 sequences of one context computing with all cores).
 
 How the burst is made: a SimCord actor (`member.send`) settles before it returns, i.e. it waits for
 the whole reply, and actor calls cannot overlap. So the messages are created with SimCord's backend
@@ -78,6 +79,7 @@ from bot.discord_front.keys import channel_key
 from bot.discord_front.replies import EMPTY_NOTICE, split_message
 from bot.inference.api import Chunk, Finished, GenerationRequest, Started, Text
 from bot.inference.engine import Engine, Generation
+from bot.inference.local.batched import batched_engine
 from bot.inference.local.llama import llama_engine, state_cache
 from bot.inference.local.state_cache import StateCache
 from bot.prompt.builder import MODEL, USER, Conversation
@@ -131,7 +133,7 @@ class LoadConfig:
     soak_rounds: int = 10
     members: int = 4
     workers: int = 2
-    threads: int = 1
+    threads: int = 0  # model.threads: all cores for the one batched context
     n_ctx: int = 1024
     max_new_tokens: int = 24
     seed: int = 7
@@ -435,7 +437,8 @@ def build_engine(config: LoadConfig, settings: Settings) -> tuple[Engine, FakeBa
     if not config.model_path:
         raise ValueError("the model engine needs model_path")
     cache = state_cache(settings.cache)
-    return llama_engine(settings, config.model_path, cache), None, cache
+    engine = (batched_engine if settings.model.batched else llama_engine)(settings, config.model_path, cache)
+    return engine, None, cache
 
 
 async def build_world(env: simcord.Env, bot: TavernBot, config: LoadConfig) -> World:

@@ -3,12 +3,12 @@
     python -m bench.run [--model PATH] [--quick] [--threads N] [--only 1,2,...] [--out bench/results/latest.json]
 
 1. turn cost: a scripted conversation that slides the window, KV reuse vs full re-evaluation
-2. interleaved channels over 2 and 1 workers, windows full as in 1., reuse vs none
-3. engine overhead: tokens/s through the engine vs llama-cpp-python directly, same context and thread
-4. event loop lag while the workers generate (switching channels), vs the same work on the loop
+2. interleaved channels over 2 and 1 sequences, windows full as in 1., reuse vs none
+3. engine overhead: tokens/s through the engine vs llama-cpp-python directly, same threads and thread
+4. event loop lag while the engine generates (switching channels), vs the same work on the loop
 5. database: append-turn latency and prompt-window load for a channel of 100,000 turns
-6. memory: resident memory with 1, 2 and 4 workers; what each worker adds; saved channel states
-7. experiment: several channels decoded in one llama.cpp call vs one at a time and vs 2 workers
+6. memory: 1, 2 and 4 sequences of the batched engine vs as many llama-cpp-python contexts; saved states
+7. experiment: several channels decoded in one raw llama.cpp call vs one at a time and vs 2 contexts
 8. lore reuse: a card's lorebook at a depth, before the character kept in the head, or moved to a depth
 9. speaker switching: two characters answering in turn, one card in the prompt or both
 10. name prefill: replies of three characters cut to nothing, with and without `Name:` after `<|model|>`
@@ -17,12 +17,18 @@ Paired figures alternate their two sides (ABBA), so a busy machine slows both al
 the best of several runs where the work is identical; benchmark 3 takes each side's rate over all
 its runs instead, as this host's speed swings both ways between runs. Each benchmark runs on a
 thread of its own (see `in_own_thread`).
+
+"Ours" is the engine the bot runs: the batched backend (`bot.inference.local.batched`), one model
+and one context whose sequences serve the channels, with all `--threads` in that context. A
+benchmark that needs several backends at once takes them as sequences of one context, so only one
+thread (its decode thread) runs the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import gc
 import json
@@ -45,6 +51,7 @@ from bot.config import CacheSettings, ModelSettings, Settings
 from bot.core.sessions import generation_request
 from bot.inference.api import Finished, GenerationRequest, GenerationStats, Sampling, Text
 from bot.inference.engine import Engine, run_generation
+from bot.inference.local.batched import SequenceBackend, SharedContext
 from bot.inference.local.llama import N_BATCH, LlamaBackend, llama_params
 from bot.inference.local.state_cache import StateCache
 from bot.prompt.builder import Conversation, Prompt, PromptTurn, build_prompt, longest_token_chars
@@ -133,8 +140,8 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-class BenchBackend(LlamaBackend):
-    """LlamaBackend that remembers the first token of each generation (the greedy argmax).
+class BenchSequence(SequenceBackend):
+    """A sequence of the batched engine that remembers the first token of each generation (the greedy argmax).
 
     On close it saves the channel it holds, so a later engine sharing the state cache starts warm.
     """
@@ -153,10 +160,23 @@ class BenchBackend(LlamaBackend):
         super().close()
 
 
-class NoReuse:
-    """The same backend evaluating every prompt in full (the baseline)."""
+def bench_sequences(model: str, settings: ModelSettings, count: int, *, cache: StateCache | None = None,
+                    cache_settings: CacheSettings | None = None, n_batch: int = N_BATCH) -> list[BenchSequence]:
+    """All `count` sequences of one new SharedContext, as BenchSequences (close each; the last frees the model)."""
+    shared = SharedContext(model, settings, count, cache=cache, cache_settings=cache_settings or CacheSettings(),
+                           n_batch=n_batch)
+    # Nothing is handed out yet, so the context's slots can still be swapped for the benchmark's own.
+    sequences = [BenchSequence(shared, slot.seq) for slot in shared.slots]
+    shared.slots[:] = sequences
+    for _ in sequences:
+        shared.sequence()  # counted as handed out
+    return sequences
 
-    def __init__(self, inner: BenchBackend) -> None:
+
+class NoReuse:
+    """The same sequence emptied before every prompt, which it then evaluates in full (the baseline)."""
+
+    def __init__(self, inner: BenchSequence) -> None:
         self.inner = inner
         self.tokenizer = inner.tokenizer
         self.n_ctx = inner.n_ctx
@@ -166,7 +186,7 @@ class NoReuse:
         return self.inner.first_token
 
     def tokens(self, prompt: list[int], sampling: Sampling, stop: Callable[[], bool]) -> Iterator[int]:
-        self.inner.llm.reset()
+        self.inner.reset()
         return self.inner.tokens(prompt, sampling, stop)
 
     def piece(self, token: int) -> bytes:
@@ -177,6 +197,11 @@ class NoReuse:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def keyed(request: GenerationRequest, key: str) -> GenerationRequest:
+    """`request` under another channel key: sequences of one context given the same key would hand it over."""
+    return dataclasses.replace(request, key=key)
 
 
 def model_settings(model: str, n_ctx: int, threads: int, workers: int = 1, **extra: Any) -> ModelSettings:
@@ -212,14 +237,13 @@ def bench_turn_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     costs a whole window per turn, so it runs on every `sample_every`-th turn once the window
     is full (its cost depends on the window size, which no longer changes then). Chunked
     trimming, the fallback for models whose cache cannot shift, runs the first `trim_turns`.
+    The three sides are three sequences of one batched context (all threads), used one at a time.
     """
     settings = model_settings(args.model, args.n_ctx, args.threads)
-    modes = {
-        shift: BenchBackend(args.model, settings, cache=StateCache(0),
-                            cache_settings=CacheSettings(context_shift=shift))
-        for shift in (True, False)
-    }
-    full = NoReuse(BenchBackend(args.model, settings))
+    shifting, trimming, whole = bench_sequences(args.model, settings, 3, cache=StateCache(0))
+    trimming.context_shift = False
+    modes = {True: shifting, False: trimming}
+    full = NoReuse(whole)
     turns: list[PromptTurn] = []
     rows: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     base_rows: list[dict[str, Any]] = []
@@ -234,7 +258,7 @@ def bench_turn_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
             for shift in order:
                 if not shift and t >= args.trim_turns:
                     continue
-                stats = generate(modes[shift], request)
+                stats = generate(modes[shift], keyed(request, f"bench-{shift}"))
                 rows[shift].append({
                     "turn": t, "prompt": stats.prompt_tokens, "evaluated": stats.evaluated_tokens,
                     "ttft": ttft(stats), "turns_used": prompt.turns_from(stats.window_start),
@@ -247,7 +271,7 @@ def bench_turn_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
                 base_rows.append({"turn": t, "prompt": base.prompt_tokens, "evaluated": base.evaluated_tokens,
                                   "ttft": ttft(base), "first": full.first_token})
             turns.append(scripted_turn(t, "model"))
-        states = {shift: (len(b.state_bytes()), b.llm.n_tokens) for shift, b in modes.items()}
+        states = {shift: (len(b.state_bytes()), len(b.live_tokens())) for shift, b in modes.items()}
     finally:
         for backend in (*modes.values(), full):
             backend.close()
@@ -291,18 +315,15 @@ def bench_turn_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 async def _interleaved(
-    args: argparse.Namespace, workers: int, cache: StateCache | None, rounds: range, channels: int
+    args: argparse.Namespace, sequences: int, cache: StateCache | None, rounds: range, channels: int,
+    measure_from: int,
 ) -> dict[str, Any]:
-    """Channels take turns over `workers`; `cache` None: no reuse. Rounds before the first measured one fill."""
-    threads = max(1, args.threads // workers)
-    settings = Settings(model=model_settings(args.model, args.n_ctx, threads, workers))
-
-    def factory() -> Any:
-        if cache is None:
-            return NoReuse(BenchBackend(args.model, settings.model))
-        return BenchBackend(args.model, settings.model, cache=cache, cache_settings=settings.cache)
-
-    engine = Engine(factory, workers=workers, queue_size=64, per_key_queue=4)
+    """Channels take turns over `sequences` of one context; `cache` None: no reuse. Rounds before
+    `measure_from` fill."""
+    settings = Settings(model=model_settings(args.model, args.n_ctx, args.threads, sequences))
+    made = bench_sequences(args.model, settings.model, sequences, cache=cache, cache_settings=settings.cache)
+    backends = iter([NoReuse(b) for b in made] if cache is None else made)
+    engine = Engine(lambda: next(backends), workers=sequences, queue_size=64, per_key_queue=4)
     await engine.start()
     records: list[tuple[int, GenerationStats]] = []
 
@@ -316,11 +337,11 @@ async def _interleaved(
         for rnd in rounds:
             await asyncio.gather(*(turn(key, rnd) for key in range(channels)))
     finally:
-        await engine.close()  # BenchBackend.close saves the live channel into the cache
-    measured = [st for rnd, st in records if rnd >= args.measure_from]
+        await engine.close()  # BenchSequence.close saves the live channel into the cache
+    measured = [st for rnd, st in records if rnd >= measure_from]
     out: dict[str, Any] = {
-        "workers": workers,
-        "threads_per_worker": threads,
+        "sequences": sequences,
+        "threads": args.threads,
         "requests": len(measured),
         "evaluated_median": median([st.evaluated_tokens for st in measured]),
         "evaluated_mean": mean([st.evaluated_tokens for st in measured]),
@@ -336,22 +357,27 @@ async def _interleaved(
 
 
 def bench_interleaved(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """`channels` channels, each window full as in benchmark 1, take turns over 2 workers, then over 1.
+    """`channels` channels, each window full as in benchmark 1, take turns over 2 sequences, then over 1.
 
-    Round 0 fills every channel's window (not measured). Both engines share one state cache, so the
-    1-worker rounds continue the same conversations. Without reuse every request evaluates a whole
-    window, so that side is sampled: `none_requests` requests per worker count.
+    Each engine is the batched one: one context with all threads, one sequence per Engine worker
+    (what `model.workers` sets). Each engine's first round is not measured: round 0 fills every
+    channel's window. Both engines share one state cache, so the 1-sequence rounds continue the same
+    conversations; but llama.cpp stores a context's number of KV streams (one per sequence) with a
+    sequence's state and refuses it in a context of another count, so the 1-sequence engine's first
+    round evaluates every window again and is not measured either. Without reuse
+    (the same engine, each sequence emptied before every prompt) every request evaluates a whole
+    window, so that side is sampled: `none_requests` requests per sequence count.
     """
     channels = args.channels
     args.fill_pairs = turns_to_fill(args, f"[ch{channels - 1}]") + 1
-    args.measure_from = 1
     cache = StateCache(max(Settings().cache.ram_bytes, channels * args.state_bytes_hint))
     out = []
-    for workers, rounds in ((2, range(0, 1 + args.rounds)), (1, range(1 + args.rounds, 1 + 2 * args.rounds))):
-        with_reuse = asyncio.run(_interleaved(args, workers, cache, rounds, channels))
-        without = asyncio.run(_interleaved(args, workers, None, range(1, 2), args.none_requests))
+    for sequences, first in ((2, 0), (1, 1 + args.rounds)):
+        rounds = range(first, first + 1 + args.rounds)
+        with_reuse = asyncio.run(_interleaved(args, sequences, cache, rounds, channels, first + 1))
+        without = asyncio.run(_interleaved(args, sequences, None, range(1, 2), args.none_requests, 1))
         out.append({
-            "workers": workers,
+            "sequences": sequences,
             "channels": channels,
             "fill_pairs": args.fill_pairs,
             "reuse": with_reuse,
@@ -368,7 +394,7 @@ def bench_interleaved(args: argparse.Namespace) -> list[dict[str, Any]]:
 class _Replay:
     """Replays recorded tokens instantly through the real tokenizer: what the engine adds per token."""
 
-    def __init__(self, backend: LlamaBackend, tokens: list[int]) -> None:
+    def __init__(self, backend: SequenceBackend, tokens: list[int]) -> None:
         self.tokenizer, self.n_ctx, self._tokens = backend.tokenizer, backend.n_ctx, tokens
         self.piece, self.is_end = backend.piece, backend.is_end
 
@@ -380,38 +406,42 @@ class _Replay:
 
 
 def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    """Generation tokens/s through Engine.generate vs Llama.generate, on the same context and thread.
+    """Generation tokens/s through Engine.generate (the batched engine, one sequence) vs Llama.generate.
 
-    The direct loop runs on the engine's worker thread over the worker's own context: with the same
-    prompt tokens, sampling settings and seed, it generates exactly as many tokens as the engine
-    did. A second thread running llama.cpp would start a second OpenMP team, and libgomp then cuts
-    every team's spin-waits short (it manages more threads than there are cores): both sides would
-    run a third slower, in a state the bot never is in (only its workers run the model). The two
-    alternate (ABBA); each side's rate is over all its runs.
+    The engine is the bot's: one batched context of one sequence with all threads, whose decode
+    thread runs the model. The direct loop is llama-cpp-python's own `Llama` with the same context
+    settings and threads, and runs on that same decode thread (between the engine's decodes): with
+    the same prompt tokens, sampling settings and seed, it generates exactly as many tokens as the
+    engine did. A second thread running llama.cpp would start a second OpenMP team, and libgomp then
+    cuts every team's spin-waits short (it manages more threads than there are cores): both sides
+    would run a third slower, in a state the bot never is in (only its decode thread runs the
+    model). The two alternate (ABBA); each side's rate is over all its runs.
     """
+    import llama_cpp
+
     settings = model_settings(args.model, args.n_ctx, args.threads)
     conv = Conversation(PERSONA, (PromptTurn("user", LONG_REPLY, "Alice"),))
     request, _ = built_request(args.model, args.n_ctx, "o", conv, args.gen_tokens, SAMPLED)
 
     async def run() -> dict[str, Any]:
-        engine = Engine(lambda: LlamaBackend(args.model, settings))
+        (sequence,) = bench_sequences(args.model, settings, 1)
+        shared = sequence.shared
+        # Loaded and freed on the decode thread too, so no other thread ever runs llama.cpp here.
+        llm = shared.call(lambda: llama_cpp.Llama(**llama_params(args.model, settings)))
+        engine = Engine(lambda: sequence)
         await engine.start()
         prompt = list(request.tokens)  # the whole window fits
 
         async def through_engine() -> tuple[float, int, list[int]]:
-            await engine.on_worker(lambda backend: backend.llm.reset())
+            await engine.on_worker(lambda _backend: sequence.reset())
             stats = None
             async for chunk in engine.generate(request):
                 if isinstance(chunk, Finished):
                     stats = chunk.stats
             assert stats is not None
-            generated = await engine.on_worker(
-                lambda backend: backend.llm.input_ids[len(prompt) : backend.llm.n_tokens].tolist()
-            )
-            return stats.tokens_per_second, stats.generated_tokens, generated
+            return stats.tokens_per_second, stats.generated_tokens, sequence.live_tokens()[len(prompt) :]
 
-        def direct(backend: LlamaBackend, count: int) -> float:
-            llm = backend.llm
+        def direct(count: int) -> float:
             llm.reset()
             llm.set_seed(SAMPLED.seed or 0)
             n, first = 0, 0.0
@@ -432,7 +462,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
             # One unmeasured run of each side first: the first generation after loading runs at a
             # different speed here (caches and the CPU's clock after idling).
             await through_engine()
-            await engine.on_worker(lambda backend: direct(backend, args.gen_tokens))
+            await asyncio.to_thread(shared.call, lambda: direct(args.gen_tokens))
             for rep in range(args.overhead_reps):
                 for side in (("engine", "direct") if rep % 2 == 0 else ("direct", "engine")):
                     if side == "engine":
@@ -441,8 +471,9 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                         counts.append(count)
                     else:
                         count = counts[-1] if counts else args.gen_tokens
-                        direct_rates.append(await engine.on_worker(lambda backend, n=count: direct(backend, n)))
+                        direct_rates.append(await asyncio.to_thread(shared.call, lambda n=count: direct(n)))
         finally:
+            shared.call(llm.close)
             await engine.close()
         return {"engine_all": engine_rates, "direct_all": direct_rates, "generated": counts,
                 "replay": replay_tokens}
@@ -459,8 +490,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     per_token = replay_cost(args, settings, measured["replay"], request)
     return {
         "engine_tokens_per_s": engine_rate, "direct_tokens_per_s": direct_rate,
-        "ratio": engine_rate / direct_rate, "reps": args.overhead_reps, "threads": llama_params(
-            args.model, settings)["n_threads"],
+        "ratio": engine_rate / direct_rate, "reps": args.overhead_reps,
+        "threads": llama_params(args.model, settings)["n_threads"],
         "generated_tokens": measured["generated"],
         "engine_all": measured["engine_all"], "direct_all": measured["direct_all"],
         "paired_ratio_median": median([e / d for e, d in zip(measured["engine_all"], measured["direct_all"],
@@ -475,7 +506,7 @@ def replay_cost(args: argparse.Namespace, settings: ModelSettings, tokens: list[
     """Per-token cost of the engine's own work: recorded tokens replayed with no model in the way."""
     if len(tokens) < 2:
         return {}
-    backend = LlamaBackend(args.model, settings)
+    (backend,) = bench_sequences(args.model, settings, 1)
     replay = _Replay(backend, tokens)
     chunks = 0
 
@@ -547,9 +578,14 @@ def _lag_summary(lags: list[float], collections: dict[int, int] | None = None) -
 
 
 def bench_loop_lag(args: argparse.Namespace) -> dict[str, Any]:
-    """Two workers serve four channels, two turns each, so states are saved and restored as in the bot."""
+    """The batched engine's two sequences serve four channels, two turns each, so states are saved and
+    restored as in the bot; its one context has all threads. The reference runs the same requests on
+    the loop thread through one llama-cpp-python context per worker's share of the threads (the
+    engine before batching, minus its worker thread).
+    """
     workers = 2
-    settings = Settings(model=model_settings(args.model, args.n_ctx, max(1, args.threads // workers), workers))
+    settings = Settings(model=model_settings(args.model, args.n_ctx, args.threads, workers))
+    per_worker = model_settings(args.model, args.n_ctx, max(1, args.threads // workers), workers)
     rounds = [
         [tagged_request(args.model, args.n_ctx, f"[l{k}]", f"lag{k}", 6 + rnd, args.lag_tokens)
          for k in range(2 * workers)]
@@ -558,8 +594,9 @@ def bench_loop_lag(args: argparse.Namespace) -> dict[str, Any]:
 
     async def engine_run() -> tuple[list[float], dict[int, int]]:
         cache = StateCache(settings.cache.ram_bytes)
-        engine = Engine(lambda: LlamaBackend(args.model, settings.model, cache=cache, cache_settings=settings.cache),
-                        workers=workers)
+        sequences = iter(await asyncio.to_thread(bench_sequences, args.model, settings.model, workers, cache=cache,
+                                                 cache_settings=settings.cache))
+        engine = Engine(lambda: next(sequences), workers=workers)
         await engine.start()
 
         async def one(request: GenerationRequest) -> None:
@@ -577,7 +614,7 @@ def bench_loop_lag(args: argparse.Namespace) -> dict[str, Any]:
 
     async def loop_run() -> tuple[list[float], dict[int, int]]:
         cache = StateCache(settings.cache.ram_bytes)
-        backend = LlamaBackend(args.model, settings.model, cache=cache, cache_settings=settings.cache)
+        backend = LlamaBackend(args.model, per_worker, cache=cache, cache_settings=settings.cache)
 
         async def blocking() -> None:
             for requests in rounds:
@@ -604,8 +641,8 @@ def bench_loop_lag(args: argparse.Namespace) -> dict[str, Any]:
     loop_lags = asyncio.run(loop_run())
     idle = asyncio.run(reference(0))
     hogs = asyncio.run(reference(os.cpu_count() or 1))
-    return {"engine": _lag_summary(*engine_lags), "on_loop": _lag_summary(*loop_lags), "workers": workers,
-            "threads_per_worker": settings.model.threads, "idle": _lag_summary(*idle),
+    return {"engine": _lag_summary(*engine_lags), "on_loop": _lag_summary(*loop_lags), "sequences": workers,
+            "threads": settings.model.threads, "on_loop_threads": per_worker.threads, "idle": _lag_summary(*idle),
             "cpu_hogs": _lag_summary(*hogs), "hog_processes": os.cpu_count() or 1}
 
 
@@ -733,77 +770,87 @@ def _memory() -> dict[str, int]:
     return out
 
 
-def memory_probe(model: str, workers: int, n_ctx: int, kv_type: str, n_batch: int) -> None:
-    """Run in a child process: load `workers` contexts, fill each, print memory figures as JSON."""
-    settings = ModelSettings(path=model, n_ctx=n_ctx, threads=1, workers=workers, kv_type=kv_type,
+def memory_probe(model: str, count: int, n_ctx: int, kv_type: str, n_batch: int, engine: str) -> None:
+    """Run in a child process: load `count` sequences of one batched context (`engine` "batched") or `count`
+    llama-cpp-python contexts ("llama", the engine before batching), fill each, print memory figures as JSON."""
+    settings = ModelSettings(path=model, n_ctx=n_ctx, threads=1, workers=count, kv_type=kv_type,
                              flash_attn=kv_type != "f16")
     before = _memory()
-    backends = [LlamaBackend(model, settings, n_batch=n_batch) for _ in range(workers)]
+    backends: list[Any] = (bench_sequences(model, settings, count, n_batch=n_batch) if engine == "batched"
+                           else [LlamaBackend(model, settings, n_batch=n_batch) for _ in range(count)])
     conv = Conversation(PERSONA, tuple(history(8)))
-    for backend in backends:
-        generate(backend, built_request(model, n_ctx, "m", conv, 4)[0])
+    for index, backend in enumerate(backends):
+        generate(backend, built_request(model, n_ctx, f"m{index}", conv, 4)[0])
     state = backends[0].state_bytes()
-    print(json.dumps({"workers": workers, "kv_type": kv_type, "n_batch": n_batch, "before": before,
-                      "after": _memory(), "state_bytes": len(state), "state_tokens": backends[0].llm.n_tokens}))
+    print(json.dumps({"engine": engine, "count": count, "kv_type": kv_type, "n_batch": n_batch, "before": before,
+                      "after": _memory(), "state_bytes": len(state),
+                      "state_tokens": len(backends[0].live_tokens())}))
     for backend in backends:
         backend.close()
 
 
 def prompt_speed_by_batch(args: argparse.Namespace) -> dict[Any, Any]:
-    """Prompt tokens/s at n_batch 512 (llama-cpp-python's default) and ours, alternating, best of 3."""
-    import llama_cpp
-
+    """Prompt tokens/s of the batched engine at n_batch 512 (llama-cpp-python's default) and ours, alternating,
+    best of 3. One context at a time (a context's decode thread keeps its OpenMP team while it lives)."""
     settings = model_settings(args.model, args.n_ctx, args.threads)
     sizes = sorted({512, N_BATCH})
-    contexts = {n: llama_cpp.Llama(**llama_params(args.model, settings, n_batch=n)) for n in sizes}
     conv = Conversation(PERSONA, tuple(history(60)))
-    prompt = build_prompt(contexts[sizes[0]], conv, n_ctx=min(args.n_ctx, args.speed_tokens + 8),
+    prompt = build_prompt(vocabulary(args.model), conv, n_ctx=min(args.n_ctx, args.speed_tokens + 8),
                           max_new_tokens=8).tokens
     best = dict.fromkeys(sizes, 0.0)
-    try:
-        for rep in range(3):
-            for n in (sizes if rep % 2 == 0 else sizes[::-1]):
-                llm = contexts[n]
-                llm.reset()
+    for rep in range(3):
+        for n in (sizes if rep % 2 == 0 else sizes[::-1]):
+            (sequence,) = bench_sequences(args.model, settings, 1, n_batch=n)
+            try:
+                sequence.next_logits(prompt[:64])  # the first decode of a new context is not measured
+                sequence.reset()
                 begin = time.perf_counter()
-                llm.eval(prompt)
+                sequence.next_logits(prompt)
                 best[n] = max(best[n], len(prompt) / (time.perf_counter() - begin))
-    finally:
-        for llm in contexts.values():
-            llm.close()
+            finally:
+                sequence.close()
     return {n: round(v, 1) for n, v in best.items()} | {"prompt_tokens": len(prompt)}
 
 
 def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Each configuration in a child process: 1, 2 and 4 sequences of one batched context (one model) against
+    as many llama-cpp-python contexts (the engine before batching, one per worker, the weights mapped once
+    per context); n_batch 512 and a q8_0 KV cache for the batched engine; saved states' sizes."""
     runs = []
-    probes = [("f16", w, N_BATCH) for w in args.memory_workers] + [("f16", w, 512) for w in (1, 2)]
-    probes.append(("q8_0", 1, N_BATCH))
-    for kv_type, workers, n_batch in probes:
+    probes = [("batched", "f16", n, N_BATCH) for n in args.memory_workers]
+    probes += [("llama", "f16", n, N_BATCH) for n in args.memory_workers]
+    probes += [("batched", "f16", n, 512) for n in (1, 2)]
+    probes.append(("batched", "q8_0", 1, N_BATCH))
+    for engine, kv_type, count, n_batch in probes:
         out = subprocess.run(
-            [sys.executable, "-m", "bench.run", "--memory-probe", str(workers), "--model", args.model,
-             "--n-ctx", str(args.n_ctx), "--kv-type", kv_type, "--n-batch", str(n_batch)],
+            [sys.executable, "-m", "bench.run", "--memory-probe", str(count), "--memory-engine", engine,
+             "--model", args.model, "--n-ctx", str(args.n_ctx), "--kv-type", kv_type, "--n-batch", str(n_batch)],
             capture_output=True, text=True, check=True,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    def per_worker(n_batch: int, kind: str) -> float:
-        same = sorted((r for r in runs if r["kv_type"] == "f16" and r["n_batch"] == n_batch),
-                      key=lambda r: r["workers"])
+    def added(engine: str, n_batch: int, kind: str) -> float:
+        """What one more sequence (or context) adds, from the fewest to the most."""
+        same = sorted((r for r in runs if r["engine"] == engine and r["kv_type"] == "f16" and r["n_batch"] == n_batch),
+                      key=lambda r: r["count"])
         lo, hi = same[0], same[-1]
-        return (hi["after"][kind] - lo["after"][kind]) / max(1, hi["workers"] - lo["workers"])
+        return (hi["after"][kind] - lo["after"][kind]) / max(1, hi["count"] - lo["count"])
 
-    one = next(r for r in runs if r["kv_type"] == "f16" and r["workers"] == 1 and r["n_batch"] == N_BATCH)
+    one = next(r for r in runs if r["engine"] == "batched" and r["kv_type"] == "f16" and r["count"] == 1
+               and r["n_batch"] == N_BATCH)
     kv_bytes = one["state_bytes"] / max(1, one["state_tokens"]) * args.n_ctx  # f16 K and V of every position
-    added_anon = per_worker(N_BATCH, "anon")
+    kinds = ("rss", "pss", "anon")
     return {
         "model_file_bytes": os.path.getsize(args.model),
         "n_ctx": args.n_ctx,
         "n_batch": N_BATCH,
         "runs": runs,
-        "added_per_worker": {kind: per_worker(N_BATCH, kind) for kind in ("rss", "pss", "anon")},
-        "added_per_worker_512": {kind: per_worker(512, kind) for kind in ("rss", "pss", "anon")},
+        "added_per_sequence": {kind: added("batched", N_BATCH, kind) for kind in kinds},
+        "added_per_sequence_512": {kind: added("batched", 512, kind) for kind in kinds},
+        "added_per_context": {kind: added("llama", N_BATCH, kind) for kind in kinds},
         "kv_cache_bytes": kv_bytes,
-        "other_per_worker_bytes": added_anon - kv_bytes,
+        "other_per_sequence_bytes": added("batched", N_BATCH, "anon") - kv_bytes,
+        "other_per_context_bytes": added("llama", N_BATCH, "anon") - kv_bytes,
         "prompt_speed": prompt_speed_by_batch(args),
     }
 
@@ -949,6 +996,7 @@ def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
     for all (scripted replies are stored, as in 1.). Before-character entries kept in the head change
     the head whenever the active set changes, so that placement runs the first `lore_head_turns`
     turns only. The full evaluation runs on every `lore_full_every`-th turn once the window is full.
+    Each placement and the full evaluation is a sequence of one batched context (all threads).
     """
     from bot.core.scene import HistoryTurn, Scene, compose
 
@@ -961,8 +1009,9 @@ def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
         character = bench_character(1, "Mirela", lore_card_book(position))
         assert character.book() is not None, "the card's lorebook reads"
         scenes[name] = (character, (), in_head)
-    backends = {name: BenchBackend(args.model, settings, cache=StateCache(0)) for name in PLACEMENTS}
-    full = NoReuse(BenchBackend(args.model, settings))
+    *placed, whole = bench_sequences(args.model, settings, len(PLACEMENTS) + 1, cache=StateCache(0))
+    backends = dict(zip(PLACEMENTS, placed, strict=True))
+    full = NoReuse(whole)
     history: list[Any] = []
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in PLACEMENTS}
     full_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in PLACEMENTS}
@@ -987,7 +1036,7 @@ def bench_lore(args: argparse.Namespace) -> dict[str, Any]:
                               lore_budget=int(args.n_ctx * chars.lore_budget), lore_scan_depth=chars.lore_scan_depth,
                               lore_in_head=in_head, lore_depth=chars.lore_depth)
                 conv = compose(scene, history, count_tokens=count, rng=random.Random(1))
-                request, prompt = generation_request(vocab, conv, key="lore", n_ctx=args.n_ctx,
+                request, prompt = generation_request(vocab, conv, key=f"lore-{name}", n_ctx=args.n_ctx,
                                                      max_new_tokens=args.max_new, sampling=GREEDY, speakers=MEMBERS)
                 stats = generate(backends[name], request)
                 row = {"turn": t, "prompt": stats.prompt_tokens, "evaluated": stats.evaluated_tokens,
@@ -1056,6 +1105,7 @@ def bench_speakers(args: argparse.Namespace) -> dict[str, Any]:
     speaker changes. The history starts with the window full (`speaker_fill` pairs, found as in 2.);
     one unmeasured turn fills each cache, then `speaker_turns` measured turns per mode. Full
     evaluations on every `speaker_full_every`-th measured turn (odd, so both kinds of turn are sampled).
+    Each mode and the full evaluation is a sequence of one batched context (all threads).
     """
     from bot.core.scene import HistoryTurn, Scene, compose
     from bot.prompt.builder import speaker_label
@@ -1085,15 +1135,16 @@ def bench_speakers(args: argparse.Namespace) -> dict[str, Any]:
         conv = compose(scene, history, count_tokens=count, rng=random.Random(1))
         speakers = tuple(dict.fromkeys(speaker_label(h.speaker, names) for h in history if h.role == "user"))
         others = tuple(n for n in names if n != speaker.name)
-        return generation_request(vocab, conv, key="duo", n_ctx=args.n_ctx, max_new_tokens=args.max_new,
+        return generation_request(vocab, conv, key=f"duo-{mode}", n_ctx=args.n_ctx, max_new_tokens=args.max_new,
                                   sampling=GREEDY, speakers=speakers, characters=others)
 
     fill = 1
     while not all(request_for(m, fill, turns_until(fill))[1].turns_used < 2 * fill + 1 for m in modes):
         fill += 1
     settings = model_settings(args.model, args.n_ctx, args.threads)
-    backends = {mode: BenchBackend(args.model, settings, cache=StateCache(0)) for mode in modes}
-    full = NoReuse(BenchBackend(args.model, settings))
+    *moded, whole = bench_sequences(args.model, settings, len(modes) + 1, cache=StateCache(0))
+    backends = dict(zip(modes, moded, strict=True))
+    full = NoReuse(whole)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     full_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     started = time.perf_counter()
@@ -1136,8 +1187,8 @@ def bench_prefill(args: argparse.Namespace) -> dict[str, Any]:
     sampling and a fixed seed each, with and without `prefill_name`, cleaned as `ReplyStream.text` cleans.
 
     Reply i answers member turn i (which names the speaker) after the 5 turn pairs before it; the
-    speakers take turns. Both sides share one context (ABBA): their prompts differ only after the
-    closing `<|model|>`, so the second evaluates a few tokens.
+    speakers take turns. Both sides share one sequence of the batched engine (ABBA): their prompts
+    differ only after the closing `<|model|>`, so the second evaluates a few tokens.
     """
     from bot.core.scene import HistoryTurn, Scene, compose
     from bot.prompt.builder import speaker_label
@@ -1156,7 +1207,7 @@ def bench_prefill(args: argparse.Namespace) -> dict[str, Any]:
         return HistoryTurn("user", f"{cast[i % 3].name}, what about the {words}?", members[i % 2])
 
     settings = model_settings(args.model, args.n_ctx, args.threads)
-    backend = BenchBackend(args.model, settings, cache=StateCache(0))
+    (backend,) = bench_sequences(args.model, settings, 1, cache=StateCache(0))
     replies: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     started = time.perf_counter()
     try:
@@ -1246,7 +1297,7 @@ def report(results: dict[str, Any]) -> str:
                      f"full median / reuse mean (every re-evaluation a trim causes counts).")
     single = next((t for t in turn_cost if t["context_shift"]), None)
     for i in results.get("interleaved", []):
-        name = f"2. {i['channels']} channels / {i['workers']} worker(s)"
+        name = f"2. {i['channels']} channels / {i['sequences']} sequence(s)"
         r, n = i["reuse"], i["none"]
         for figure, key, value, base in (
             ("prompt tokens evaluated (median/mean)", "work_ratio",
@@ -1264,33 +1315,40 @@ def report(results: dict[str, Any]) -> str:
         i = results["interleaved"][0]
         notes.append(f"2.: every channel starts with {i['fill_pairs']} turn pairs (its window full, as in 1.); a "
                      f"round gives each channel one turn; the first round fills the caches and is not measured; "
-                     f"the 1-worker rounds continue the same conversations from the shared state cache. Without "
-                     f"reuse: {i['none']['requests']} requests per worker count (each evaluates a whole window).")
+                     f"the 1-sequence rounds continue the same conversations from the shared state cache, after "
+                     f"one more unmeasured round (states of a 2-sequence context do not load into a 1-sequence "
+                     f"one); each "
+                     f"engine is one batched context of {i['reuse']['threads']} threads. Without reuse (the same "
+                     f"engine, each sequence emptied first): {i['none']['requests']} requests per sequence count "
+                     f"(each evaluates a whole window).")
     if "overhead" in results:
         o = results["overhead"]
-        row(f"3. generation tokens/s, engine vs llama-cpp-python ({o['threads']} threads, {o['reps']} runs each)",
+        row(f"3. generation tokens/s, batched engine vs llama-cpp-python ({o['threads']} threads, "
+            f"{o['reps']} runs each)",
             f"{o['engine_tokens_per_s']:.1f}", f"{o['direct_tokens_per_s']:.1f}", f"{o['ratio']:.2f}", ">= 0.95",
             o["ratio"] >= 0.95)
         if "worker_us_per_token" in o:
             row("3. engine's own work per token (replayed tokens): worker thread / through the loop",
                 f"{o['worker_us_per_token']:.0f} / {o['engine_us_per_token']:.0f} us",
                 f"{1e6 / o['direct_tokens_per_s']:.0f} us per token generated", "", "report", None)
-        notes.append(f"3.: both sides on the engine's worker thread and context, same prompt, sampling and seed; "
+        notes.append(f"3.: one batched context of one sequence vs a llama-cpp-python context of the same settings, "
+                     f"both run by the engine's decode thread; same prompt, sampling and seed; "
                      f"the direct loop generates as many tokens as the engine did ({o['generated_tokens'][0]}); "
                      f"ABBA order; tokens/s over all runs of a side; median of paired ratios "
                      f"{o['paired_ratio_median']:.2f}, best run / best run {o.get('best_ratio', float('nan')):.2f}.")
     if "loop_lag" in results:
         lag = results["loop_lag"]
         e, b, idle, hogs = lag["engine"], lag["on_loop"], lag["idle"], lag["cpu_hogs"]
-        row("4. loop lag p50/p99/max (ms), workers vs on the loop",
+        row("4. loop lag p50/p99/max (ms), batched engine vs on the loop",
             f"{e['p50_ms']:.2f}/{e['p99_ms']:.2f}/{e['max_ms']:.1f}",
             f"{b['p50_ms']:.1f}/{b['p99_ms']:.0f}/{b['max_ms']:.0f}", "",
             "p99 < 5, max < 50", e["p99_ms"] < 5 and e["max_ms"] < 50)
         row(f"4. reference: idle loop / beside {lag['hog_processes']} busy processes (no GIL involved)",
             f"{idle['p50_ms']:.2f}/{idle['p99_ms']:.2f}/{idle['max_ms']:.1f}",
             f"{hogs['p50_ms']:.2f}/{hogs['p99_ms']:.2f}/{hogs['max_ms']:.1f}", "", "report", None)
-        notes.append(f"4.: {lag['workers']} workers x {lag['threads_per_worker']} thread(s) serve 4 channels twice "
-                     f"(states saved and restored); full garbage collections while sampling: "
+        notes.append(f"4.: {lag['sequences']} sequences of one batched context of {lag['threads']} thread(s) serve "
+                     f"4 channels twice (states saved and restored); on the loop: one llama-cpp-python context of "
+                     f"{lag['on_loop_threads']} thread(s); full garbage collections while sampling: "
                      f"{e['gc_collections'][2]}.")
     if "database" in results:
         d = results["database"]
@@ -1307,27 +1365,39 @@ def report(results: dict[str, Any]) -> str:
                      f"{d['frozen_gc_collections'][2]}).")
     if "memory" in results:
         m = results["memory"]
+        contexts = {(r["count"], r["n_batch"]): r for r in m["runs"] if r["engine"] == "llama"}
         for r in m["runs"]:
+            if r["engine"] != "batched":
+                continue
             after = r["after"]
-            row(f"6. memory, {r['workers']} worker(s), kv {r['kv_type']}, n_batch {r['n_batch']}: RSS / PSS",
-                f"{mib(after['rss'])} / {mib(after['pss'])}", f"anonymous {mib(after['anon'])}", "", "report", None)
-        a, a512 = m["added_per_worker"], m["added_per_worker_512"]
-        row(f"6. added per worker (f16 KV, n_batch {m['n_batch']}): RSS / PSS / anonymous",
-            f"{mib(a['rss'])} / {mib(a['pss'])} / {mib(a['anon'])}",
-            f"n_batch 512: {mib(a512['rss'])} / {mib(a512['pss'])} / {mib(a512['anon'])}", "", "report", None)
-        row("6. anonymous per worker: KV cache / other (compute buffers)", f"{mib(m['kv_cache_bytes'])} / "
-            f"{mib(m['other_per_worker_bytes'])}", f"model file {mib(m['model_file_bytes'])}", "", "report", None)
+            old = contexts.get((r["count"], r["n_batch"]))
+            row(f"6. memory, {r['count']} sequence(s) in one context, kv {r['kv_type']}, n_batch {r['n_batch']}: "
+                f"RSS / PSS / anonymous" + ("; vs as many llama-cpp-python contexts" if old else ""),
+                f"{mib(after['rss'])} / {mib(after['pss'])} / {mib(after['anon'])}",
+                f"{mib(old['after']['rss'])} / {mib(old['after']['pss'])} / {mib(old['after']['anon'])}"
+                if old else "", f"{after['pss'] / old['after']['pss']:.2f} (PSS)" if old else "", "report", None)
+        a, a512, c = m["added_per_sequence"], m["added_per_sequence_512"], m["added_per_context"]
+        row(f"6. added per sequence vs per llama-cpp-python context (f16 KV, n_batch {m['n_batch']}): "
+            f"RSS / PSS / anonymous", f"{mib(a['rss'])} / {mib(a['pss'])} / {mib(a['anon'])}",
+            f"{mib(c['rss'])} / {mib(c['pss'])} / {mib(c['anon'])}", "", "report", None)
+        row("6. added per sequence, n_batch 512: RSS / PSS / anonymous",
+            f"{mib(a512['rss'])} / {mib(a512['pss'])} / {mib(a512['anon'])}", "", "", "report", None)
+        row("6. anonymous added: KV cache / other (compute buffers), per sequence vs per context",
+            f"{mib(m['kv_cache_bytes'])} / {mib(m['other_per_sequence_bytes'])}",
+            f"{mib(m['kv_cache_bytes'])} / {mib(m['other_per_context_bytes'])}",
+            f"model file {mib(m['model_file_bytes'])}", "report", None)
         speed = m["prompt_speed"]
-        row(f"6. prompt tokens/s, n_batch {m['n_batch']} vs 512 ({speed['prompt_tokens']} tokens, best of 3)",
+        row(f"6. prompt tokens/s, batched, n_batch {m['n_batch']} vs 512 ({speed['prompt_tokens']} tokens, best of 3)",
             f"{speed[m['n_batch']]:.0f}", f"{speed[512]:.0f}", f"{speed[m['n_batch']] / speed[512]:.2f}", "report",
             None)
         for r in m["runs"]:
-            if r["workers"] == 1 and r["n_batch"] == m["n_batch"]:
+            if r["engine"] == "batched" and r["count"] == 1 and r["n_batch"] == m["n_batch"]:
                 row(f"6. saved channel state, kv {r['kv_type']}", f"{mib(r['state_bytes'])} / {r['state_tokens']} tok",
                     f"{r['state_bytes'] / max(1, r['state_tokens']) / 1024:.1f} KiB/token", "", "report", None)
-        notes.append("6.: RSS counts the memory-mapped model once per worker (each context maps the file); the "
-                     "pages are shared, which PSS shows. What a worker really adds is anonymous memory: its KV "
-                     "cache (n_ctx x KiB/token) plus llama.cpp's compute buffers, which grow with n_batch.")
+        notes.append("6.: the batched engine loads the model once and adds a sequence's KV cache per sequence; each "
+                     "llama-cpp-python context (the engine before batching, one per worker) maps the model file "
+                     "again (RSS counts it once per context; the pages are shared, which PSS shows) and has its "
+                     "own compute buffers, which grow with n_batch.")
     for t in turn_cost:
         name = "context shift" if t["context_shift"] else "chunked trim"
         row(f"6. saved channel state after 1. ({name})", f"{mib(t['state_bytes'])} / {t['state_tokens']} tok",
@@ -1336,7 +1406,7 @@ def report(results: dict[str, Any]) -> str:
         row(f"7. experiment, {b['channels']} channels decoded together: tokens/s, batched vs one at a time "
             f"({b['threads']} threads)", f"{b['batched_tokens_per_s']:.0f}", f"{b['one_at_a_time_tokens_per_s']:.0f}",
             f"{b['batched_vs_one_at_a_time']:.2f}", "report", None)
-        row(f"7. experiment, {b['channels']} channels: batched vs 2 workers x 1 thread (the engine today)",
+        row(f"7. experiment, {b['channels']} channels: batched vs 2 contexts x 1 thread (the engine before batching)",
             f"{b['batched_tokens_per_s']:.0f}", f"{b['per_worker_tokens_per_s']:.0f}",
             f"{b['batched_vs_per_worker']:.2f}", "report", None)
     if results.get("batched"):
@@ -1344,7 +1414,7 @@ def report(results: dict[str, Any]) -> str:
         same = ", ".join(f"{x['same_tokens'] * 100:.0f}%" for x in results["batched"])
         notes.append(f"7.: every channel's prompt evaluated first (not timed), then {b['tokens_per_channel']} greedy "
                      f"tokens per channel, best of {b['reps']} (ABBA); batched tokens equal to those generated one "
-                     f"at a time: {same}. Not used by the bot.")
+                     f"at a time: {same}. Raw llama.cpp calls, not the bot's engine (which 2. to 4. measure).")
     if "lore" in results:
         lo = results["lore"]
         labels = {"depth": "(a) entries at depth 2-4", "head_all": "(b) before the character, lore_in_head=all",
@@ -1416,6 +1486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated benchmark numbers")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-engine", default="batched", choices=("batched", "llama"), help=argparse.SUPPRESS)
     parser.add_argument("--kv-type", default="f16", help=argparse.SUPPRESS)
     parser.add_argument("--n-batch", type=int, default=N_BATCH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1424,7 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(ensure_demo_model(report=lambda msg: print(msg, file=sys.stderr)))
     if args.memory_probe:
-        memory_probe(args.model, args.memory_probe, args.n_ctx, args.kv_type, args.n_batch)
+        memory_probe(args.model, args.memory_probe, args.n_ctx, args.kv_type, args.n_batch, args.memory_engine)
         return 0
     args.max_new = 8
     if args.quick:
