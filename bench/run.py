@@ -12,6 +12,7 @@
 8. lore reuse: a card's lorebook at a depth, before the character kept in the head, or moved to a depth
 9. speaker switching: two characters answering in turn, one card in the prompt or both
 10. name prefill: replies of three characters cut to nothing, with and without `Name:` after `<|model|>`
+11. 1-8 channels generating at once: ours vs llama.cpp's llama-server vs the engine before batching (bench/server.py)
 
 Paired figures alternate their two sides (ABBA), so a busy machine slows both alike, and keep
 the best of several runs where the work is identical; benchmark 3 takes each side's rate over all
@@ -1253,6 +1254,16 @@ def bench_prefill(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ 11
+
+
+def bench_server(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours vs llama-server vs the engine before batching (bench/server.py)."""
+    from bench.server import bench_server as run_server
+
+    return run_server(args)
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -1463,6 +1474,12 @@ def report(results: dict[str, Any]) -> str:
         notes.append(f"10.: {n} replies each way, default sampling with one fixed seed per reply, at most "
                      f"{pf['max_new_tokens']} tokens, cleaned as the bot cleans them; fewer empty replies: "
                      f"{better}.")
+    if "server" in results:
+        from bench.server import report_notes, report_rows
+
+        for figure in report_rows(results["server"]):
+            row(*figure)
+        notes += report_notes(results["server"])
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)])
 
 
@@ -1483,7 +1500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated benchmark numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated benchmark numbers")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--memory-engine", default="batched", choices=("batched", "llama"), help=argparse.SUPPRESS)
@@ -1510,6 +1527,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lore_turns, args.lore_head_turns, args.lore_full_every = 32, 24, 8
         args.speaker_turns, args.speaker_full_every = 16, 5
         args.prefill_replies, args.prefill_tokens = 12, 48
+        args.server_channels, args.server_rounds = (1, 2, 8), 2
     else:
         args.turns, args.trim_turns, args.sample_every = 200, 100, 15
         args.channels, args.rounds, args.none_requests = 8, 2, 2
@@ -1521,6 +1539,9 @@ def main(argv: list[str] | None = None) -> int:
         args.lore_turns, args.lore_head_turns, args.lore_full_every = 200, 60, 30
         args.speaker_turns, args.speaker_full_every = 60, 15
         args.prefill_replies, args.prefill_tokens = 60, 48
+        args.server_channels, args.server_rounds = (1, 2, 4, 8), 3
+    # 11.: a conversation of about 700 tokens per channel in a context of 1024, 48 new tokens.
+    args.server_n_ctx, args.server_prompt_tokens, args.server_tokens = 1024, 680, 48
     # A full window's saved state (about 23 KiB per token for the demo model), so every channel fits in RAM.
     args.state_bytes_hint = 24 * 1024 * args.n_ctx
     only = {int(x) for x in args.only.split(",") if x.strip()}
@@ -1539,6 +1560,7 @@ def main(argv: list[str] | None = None) -> int:
         (8, "lore", lambda: bench_lore(args)),
         (9, "speakers", lambda: bench_speakers(args)),
         (10, "prefill", lambda: bench_prefill(args)),
+        (11, "server", lambda: bench_server(args)),
     ]
     started = time.perf_counter()
     for number, name, step in steps:
