@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from persistence.models import ChannelSessionRow, TurnRow
 
 # First keys of the advisory locks ("Tk" and a number): the two-key form is a key space of its own.
-_CHANNEL_SPACE = 0x546B_0001
+CHANNEL_SPACE = 0x546B_0001
 MIGRATION_LOCK = (0x546B_0000, 0)
 
 
@@ -28,7 +28,7 @@ def _on_postgresql(s: Session) -> bool:
 
 
 def _lock(key: object) -> object:
-    return func.pg_advisory_xact_lock(_CHANNEL_SPACE, func.hashtext(key))
+    return func.pg_advisory_xact_lock(CHANNEL_SPACE, func.hashtext(key))
 
 
 def lock_channel(s: Session, channel_key: str) -> None:
