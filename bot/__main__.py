@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Also accepted after the subcommand (`tavernkeep run --config PATH`); SUPPRESS keeps the global one.
     run.add_argument("--config", type=Path, default=argparse.SUPPRESS,
                      help="TOML config file (default: ./config.toml if it exists)")
-    backup = sub.add_parser("backup", help="write a consistent copy of the live SQLite database")
+    backup = sub.add_parser("backup", help="write a consistent copy of the live SQLite database "
+                                           "(PostgreSQL: prints the pg_dump command instead)")
     backup.add_argument("path", type=Path, help="the new backup file (must not exist)")
     return parser.parse_args(argv)
 

@@ -2,7 +2,8 @@
 
 Secrets (the Discord token) come only from the environment. Any other key can be overridden by an
 environment variable named ``TAVERNKEEP_<SECTION>_<KEY>`` (e.g. ``TAVERNKEEP_DATABASE_URL``); a
-``TAVERNKEEP_`` variable that names no setting stops the start.
+``TAVERNKEEP_`` variable that names no setting stops the start (``TAVERNKEEP_TEST_`` ones belong to the
+test suite and are ignored).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 GGUF_MAGIC = b"GGUF"
 ENV_PREFIX = "TAVERNKEEP_"
+# Variables of the test suite (e.g. TAVERNKEEP_TEST_DATABASE_URL), not settings: left alone.
+TEST_ENV_PREFIX = "TAVERNKEEP_TEST_"
 
 
 class ConfigError(Exception):
@@ -226,7 +229,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
     }
     out: dict[str, dict[str, Any]] = {}
     for name, value in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name.startswith(TEST_ENV_PREFIX):
             continue
         if name not in known:
             # Compared without the shared prefix, which would make every name look close.

@@ -1,21 +1,36 @@
-"""Consistent copies of a live SQLite database (SQLite's online backup API)."""
+"""Consistent copies of a live SQLite database (SQLite's online backup API); for PostgreSQL, the
+`pg_dump` command that does the same."""
 
 from __future__ import annotations
 
 import asyncio
+import shlex
 import sqlite3
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 
 class BackupError(Exception):
     """The backup could not be written; the message says why in one line."""
 
 
-def sqlite_path(url: str) -> Path:
-    """The file behind a SQLite URL; BackupError for other databases."""
+def pg_dump_command(url: str | URL, target: Path) -> str:
+    """The `pg_dump` command line writing the PostgreSQL database of `url` to `target` (custom format,
+    restored with `pg_restore`); the password is left out (libpq reads PGPASSWORD or ~/.pgpass)."""
     parsed = make_url(url)
+    libpq = URL.create("postgresql", username=parsed.username, host=parsed.host, port=parsed.port,
+                       database=parsed.database, query=parsed.query)
+    return shlex.join(["pg_dump", "--format=custom", f"--file={target}", libpq.render_as_string()])
+
+
+def sqlite_path(url: str, target: Path | None = None) -> Path:
+    """The file behind a SQLite URL; BackupError for other databases (for PostgreSQL, naming the
+    `pg_dump` command to run instead)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        command = pg_dump_command(parsed, target or Path("tavernkeep.dump"))
+        raise BackupError(f"backups are built in for SQLite files only; for PostgreSQL run: {command}")
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         raise BackupError("backups are built in for SQLite files only; use your database's own tools")
     return Path(parsed.database).expanduser()
@@ -52,5 +67,6 @@ def _copy(source: Path, target: Path) -> int:
 
 
 async def backup_database(url: str, target: Path) -> int:
-    """Write a consistent copy of the SQLite database at `url` to `target`; return its size in bytes."""
-    return await asyncio.to_thread(_copy, sqlite_path(url), target)
+    """Write a consistent copy of the SQLite database at `url` to `target`; return its size in bytes.
+    BackupError for other databases (for PostgreSQL naming the `pg_dump` command for `target`)."""
+    return await asyncio.to_thread(_copy, sqlite_path(url, target), target)

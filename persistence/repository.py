@@ -1,5 +1,6 @@
-"""The repository: each call is one function over a sync session, run whole on a database thread
-(`Database.run`), with explicit commits and plain records out."""
+"""The repository: each call is one function over a sync session, run whole by `Database.run`, with
+explicit commits and plain records out. Writes to a channel's sessions and turns take the channel's
+lock first (`persistence.locks`: a no-op on SQLite, where writers take turns anyway)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from persistence.errors import (
     SessionNotFound,
     TurnNotFound,
 )
+from persistence.locks import lock_channel, lock_session_channel, lock_turn_channel
 from persistence.models import (
     ChannelCharacterRow,
     ChannelLorebookRow,
@@ -567,6 +569,7 @@ class Repository:
         """
 
         def start(s: Session) -> ChannelSession:
+            lock_channel(s, channel_key)
             if persona_id is not None and s.get(PersonaRow, persona_id) is None:
                 raise PersonaNotFound(persona_id)
             _add_guild_if_missing(s, guild_id)
@@ -597,11 +600,12 @@ class Repository:
         try:
             return await self.db.run(start, write=True)
         except IntegrityError:
-            # Another writer opened the channel's session first (possible on PostgreSQL): use it.
+            # Another writer added the guild first (possible on PostgreSQL): the second try finds it.
             return await self.db.run(start, write=True)
 
     async def _change_session(self, session_id: int, **values: Any) -> ChannelSession:
         def change(s: Session) -> ChannelSession:
+            lock_session_channel(s, session_id)
             row = _session_row(s, session_id)
             for name, value in values.items():
                 setattr(row, name, value)
@@ -628,6 +632,7 @@ class Repository:
         """
 
         def archive(s: Session) -> ChannelSession:
+            lock_session_channel(s, session_id)
             old = _session_row(s, session_id)
             if old.archived_at is None:
                 old.archived_at = utcnow()
@@ -675,6 +680,7 @@ class Repository:
         no-op if it already does. `SessionNotFound` / `PersonaNotFound` if either is missing."""
 
         def add(s: Session) -> None:
+            lock_session_channel(s, session_id)
             if s.get(ChannelCharacterRow, (session_id, persona_id)) is not None:
                 return
             last = select(func.max(ChannelCharacterRow.position)).where(ChannelCharacterRow.session_id == session_id)
@@ -757,6 +763,7 @@ class Repository:
         )
 
         def append(s: Session) -> Turn:
+            lock_session_channel(s, session_id)
             s.add(row)
             _flush_messages(s, ids, session_id, character_id)
             s.commit()
@@ -793,6 +800,7 @@ class Repository:
         stored versions (swipes) has the one shown replaced too, so a continued reply keeps its version."""
 
         def edit(s: Session) -> Turn | None:
+            lock_turn_channel(s, turn_id)
             row = s.scalar(_turn_query(turn_id))
             if row is None:
                 return None
@@ -814,6 +822,7 @@ class Repository:
         is the one shown (the turn's content). `TurnNotFound` if the turn does not exist."""
 
         def add(s: Session) -> Turn:
+            lock_turn_channel(s, turn_id)
             row = s.scalar(_turn_query(turn_id))
             if row is None:
                 raise TurnNotFound(turn_id)
@@ -841,6 +850,7 @@ class Repository:
             raise ValueError(f"version {selected} is not one of the {len(versions)} given")
 
         def put(s: Session) -> Turn:
+            lock_turn_channel(s, turn_id)
             row = s.scalar(_turn_query(turn_id))
             if row is None:
                 raise TurnNotFound(turn_id)
@@ -857,6 +867,7 @@ class Repository:
         is gone or has no such version. A turn without stored versions has one: 0, its content."""
 
         def choose(s: Session) -> Turn | None:
+            lock_turn_channel(s, turn_id)
             row = s.scalar(_turn_query(turn_id))
             if row is None or not 0 <= number < max(1, row.swipe_count):
                 return None
@@ -879,6 +890,7 @@ class Repository:
         """Delete a turn and its message mappings; False if it did not exist."""
 
         def remove(s: Session) -> bool:
+            lock_turn_channel(s, turn_id)
             result = s.execute(delete(TurnRow).where(TurnRow.id == turn_id))
             s.commit()
             return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -891,6 +903,7 @@ class Repository:
         _check_distinct(ids)
 
         def add(s: Session) -> Turn:
+            lock_turn_channel(s, turn_id)
             row = s.scalar(_turn_query(turn_id))
             if row is None:
                 raise TurnNotFound(turn_id)
@@ -998,6 +1011,7 @@ class Repository:
         False if it already is, `LorebookNotFound` if there is no such lorebook."""
 
         def attach(s: Session) -> bool:
+            lock_channel(s, channel_key)
             if s.get(ChannelLorebookRow, (channel_key, lorebook_id)) is not None:
                 return False
             last = select(func.max(ChannelLorebookRow.position)).where(ChannelLorebookRow.channel_key == channel_key)

@@ -131,6 +131,13 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, text, expected):
     assert "Traceback" not in proc.stderr
 
 
+def test_the_test_suites_variables_are_no_settings():
+    """TAVERNKEEP_TEST_DATABASE_URL (the PostgreSQL server of the tests) is inherited by every bot the
+    tests start: it is not taken for a misspelt setting."""
+    settings = load_settings(None, env={"TAVERNKEEP_TEST_DATABASE_URL": "postgresql+asyncpg://db/x"})
+    assert settings.database.url.startswith("sqlite+aiosqlite:///")
+
+
 def test_cli_exits_2_on_an_unknown_environment_variable(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bot", "chat"], capture_output=True, text=True, cwd=tmp_path, timeout=60,

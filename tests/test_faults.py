@@ -23,7 +23,7 @@ import pytest
 import simcord
 from simcord.backend.models import Overwrite
 from simcord.enums import OverwriteType
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.engine import make_url
 
 from bot.config import Settings
@@ -31,6 +31,8 @@ from bot.discord_front.keys import channel_key
 from bot.discord_front.replies import DISCORD_TROUBLE_NOTICE, SAVE_FAILED_NOTICE, TIMEOUT_NOTICE
 from bot.errors import GenerationFailed
 from bot.inference.api import Sampling
+from persistence import Database
+from persistence.models import TurnMessageRow
 from persistence.records import Role, TurnStatus
 from tests.discord_fixtures import BotEnv, bot_env, replay, start_session, stored_turns, tavern_guild
 from tests.fake_backend import FakeBackend
@@ -52,11 +54,10 @@ def user_turns(turns: list[Any]) -> list[tuple[str, str]]:
     return [(turn.author_name, turn.content) for turn in turns if turn.role is Role.USER]
 
 
-def stored_message_ids(db_url: str) -> list[int]:
-    with sqlite3.connect(make_url(db_url).database or "") as connection:
-        rows = connection.execute("SELECT message_id FROM turn_messages").fetchall()
-    connection.close()
-    return [row[0] for row in rows]
+async def stored_message_ids(db_url: str) -> list[int]:
+    """Every message id mapped to a turn, read through a database of its own (as another process would)."""
+    async with await Database.open(db_url, migrate=False) as db:
+        return await db.run(lambda s: list(s.scalars(select(TurnMessageRow.message_id))))
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
@@ -81,7 +82,7 @@ async def test_message_create_replayed_after_a_restart_is_not_taken_again(db_url
         await t.env.settle()
         assert len(await stored_turns(t, tavern.channel)) == 2
         assert len(bot_messages(tavern.channel)) == 1 and len(t.backend.prompts) == 1
-    ids = stored_message_ids(db_url)
+    ids = await stored_message_ids(db_url)
     assert len(ids) == len(set(ids)) == 2
 
 
@@ -122,7 +123,7 @@ async def test_messages_sent_while_away_are_answered_once_in_order(db_url: str) 
         await t.env.settle()
         assert await stored_turns(t, tavern.channel) == turns
         assert len(t.backend.prompts) == 2 and len(bot_messages(tavern.channel)) == 2
-    ids = stored_message_ids(db_url)
+    ids = await stored_message_ids(db_url)
     assert len(ids) == len(set(ids))
 
 
@@ -341,6 +342,13 @@ def _read_only(connection: Any, _record: Any) -> None:
     connection.execute("PRAGMA query_only=ON")
 
 
+def _read_only_postgresql(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("SET default_transaction_read_only = on")
+    cursor.close()
+    connection.commit()  # the driver ran the SET in a transaction: keep it past the pool's reset
+
+
 def _disk_full(connection: Any, _record: Any) -> None:
     # The file may not grow past its current size: the next write that needs a new page fails (SQLITE_FULL).
     [(pages,)] = connection.execute("PRAGMA page_count").fetchall()
@@ -357,12 +365,21 @@ async def _set_fault(t: BotEnv, listener: Callable[[Any, Any], None], on: bool) 
     await t.database.drop_connections()
 
 
-@pytest.mark.parametrize(
-    ("fault", "error"), [(_read_only, "readonly database"), (_disk_full, "database or disk is full")]
-)
+# Per backend: how each fault is made, and the driver's words for it.
+FAULTS: dict[tuple[str, str], tuple[Callable[[Any, Any], None], str]] = {
+    ("sqlite", "read-only"): (_read_only, "readonly database"),
+    ("sqlite", "disk full"): (_disk_full, "database or disk is full"),
+    ("postgresql", "read-only"): (_read_only_postgresql, "read-only transaction"),
+}
+
+
+@pytest.mark.parametrize("fault_name", ["read-only", "disk full"])
 async def test_unwritable_database_gives_a_notice_and_stores_nothing(
-    db_url: str, caplog: pytest.LogCaptureFixture, fault: Callable[[Any, Any], None], error: str
+    db_url: str, db_backend: str, caplog: pytest.LogCaptureFixture, fault_name: str
 ) -> None:
+    if (db_backend, fault_name) not in FAULTS:
+        pytest.skip(f"a {fault_name} fault is not made from a test on {db_backend}")
+    fault, error = FAULTS[db_backend, fault_name]
     async with bot_env(db_url) as t:
         tavern = tavern_guild(t.env)
         await start_session(t, tavern)
@@ -388,6 +405,7 @@ async def test_unwritable_database_gives_a_notice_and_stores_nothing(
         assert user_turns(turns) == [("Alice", "Hello."), ("Alice", "Can you hear me now?")]
         assert turns[-1].status is TurnStatus.COMPLETE and lost not in t.backend.prompts[-1]
         assert await t.bot.repo.turn_by_message(said.id) is None
-    with sqlite3.connect(make_url(db_url).database or "") as connection:
-        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    connection.close()
+    if db_backend == "sqlite":
+        with sqlite3.connect(make_url(db_url).database or "") as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        connection.close()

@@ -1,5 +1,6 @@
-"""Characters in the store, on real SQLite files: cards and avatars, several characters per channel,
-swipes, lorebooks, members' personas, character webhooks, and migration 0003 from a database at 0002."""
+"""Characters in the store, on real SQLite files (and PostgreSQL when configured): cards and avatars,
+several characters per channel, swipes, lorebooks, members' personas, character webhooks, and migration
+0003 from a database at 0002."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import event, text
+from sqlalchemy import event, inspect, text
 
 from persistence import (
     CharacterWebhook,
@@ -279,7 +280,7 @@ async def test_channel_characters_are_added_in_order_carried_over_on_reset_and_r
     assert [p.name for p in await repo.channel_characters(fresh.id)] == ["Bram", "Ysolde"]
 
 
-async def test_a_persona_held_as_a_channel_character_is_not_deleted(repo: Repository, db_url: str) -> None:
+async def test_a_persona_held_as_a_channel_character_is_not_deleted(repo: Repository) -> None:
     """Like the main persona: refused while an open session (running or paused) has it among its
     characters, naming the channels; once only archived sessions have it, it goes, and its channel
     memberships and webhooks go with it."""
@@ -309,8 +310,8 @@ async def test_a_persona_held_as_a_channel_character_is_not_deleted(repo: Reposi
     reply = await repo.append_turn(first.id, Role.MODEL, "Hammer ready.", author_name="Bram", character_id=bram.id)
     assert await repo.delete_persona(GUILD, "Bram") is True
 
-    path = Path(db_url.split("///", 1)[1])
-    assert _count(path, "SELECT count(*) FROM channel_characters WHERE persona_id = ?", bram.id) == 0
+    members = text("SELECT count(*) FROM channel_characters WHERE persona_id = :id").bindparams(id=bram.id)
+    assert await repo.db.run(lambda s: s.scalar(members)) == 0
     assert await repo.get_character_webhook(CHANNEL, bram.id) is None
     assert await repo.character_webhook_ids() == set()
     [kept] = await repo.recent_turns(first.id, 10)
@@ -550,7 +551,12 @@ async def test_character_webhooks_round_trip(repo: Repository) -> None:
 
 
 async def test_a_fresh_database_has_the_new_tables_and_indexes(db: Database) -> None:
-    names = await db.run(lambda s: {r[0] for r in s.execute(text("SELECT name FROM sqlite_master"))})
+    def names(s: Any) -> set[str]:
+        found = inspect(s.connection())
+        tables = set(found.get_table_names())
+        return tables | {i["name"] for table in tables for i in found.get_indexes(table) if i["name"]}
+
+    names = await db.run(names)
     assert {
         "turn_swipes", "channel_characters", "lorebooks", "channel_lorebooks", "user_personas",
         "character_webhooks", "uq_lorebooks_global_name", "ix_character_webhooks_webhook_id",

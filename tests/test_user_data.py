@@ -69,6 +69,7 @@ async def test_user_turns_come_in_pages(db_url):
         await db.close()
 
 
+@pytest.mark.sqlite_only("the built-in backup copies SQLite files")
 async def test_backup_is_consistent_while_writes_run(db_url, tmp_path):
     db = await Database.open(db_url)
     repo = Repository(db)
@@ -105,6 +106,7 @@ async def test_backup_is_consistent_while_writes_run(db_url, tmp_path):
     await copy.close()
 
 
+@pytest.mark.sqlite_only("the built-in backup copies SQLite files")
 async def test_backup_errors_are_one_line(db_url, tmp_path):
     with pytest.raises(BackupError, match="SQLite files only"):
         await backup_database("postgresql+asyncpg://u@h/db", tmp_path / "x.db")
@@ -140,3 +142,23 @@ def test_backup_command_copies_the_configured_database(tmp_path):
     assert again.returncode == 1
     expected = f"tavernkeep: {tmp_path / 'copy.db'} already exists; choose a new file name"
     assert again.stderr.strip().splitlines() == [expected]
+
+
+def test_backup_command_on_postgresql_names_the_pg_dump_command(tmp_path):
+    """No built-in copy of a PostgreSQL database: the command says what to run instead, for the configured
+    URL and the given file, without the password, and fails."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.toml"
+    url = "postgresql+asyncpg://tavern:s3cret@db.example:5433/tavernkeep"
+    config.write_text(f"[database]\nurl = '{url}'\n", encoding="utf-8")
+    target = tmp_path / "nightly.dump"
+    run = subprocess.run([sys.executable, "-m", "bot", "--config", str(config), "backup", str(target)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "tavernkeep: backups are built in for SQLite files only; for PostgreSQL run: "
+        f"pg_dump --format=custom --file={target} postgresql://tavern@db.example:5433/tavernkeep"
+    ]
+    assert "s3cret" not in run.stderr and not target.exists()
