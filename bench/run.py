@@ -1506,6 +1506,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-engine", default="batched", choices=("batched", "llama"), help=argparse.SUPPRESS)
     parser.add_argument("--kv-type", default="f16", help=argparse.SUPPRESS)
     parser.add_argument("--n-batch", type=int, default=N_BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--server-channels", dest="server_channel_counts", default="",
+                        help="benchmark 11's channel counts (default 1,2,4,8; quick 1,2,8)")
     args = parser.parse_args(argv)
     if not args.model:
         from bot.inference.local.demo_model import ensure_demo_model
@@ -1540,6 +1542,8 @@ def main(argv: list[str] | None = None) -> int:
         args.speaker_turns, args.speaker_full_every = 60, 15
         args.prefill_replies, args.prefill_tokens = 60, 48
         args.server_channels, args.server_rounds = (1, 2, 4, 8), 3
+    if args.server_channel_counts:
+        args.server_channels = tuple(int(x) for x in args.server_channel_counts.split(","))
     # 11.: a conversation of about 700 tokens per channel in a context of 1024, 48 new tokens.
     args.server_n_ctx, args.server_prompt_tokens, args.server_tokens = 1024, 680, 48
     # A full window's saved state (about 23 KiB per token for the demo model), so every channel fits in RAM.

@@ -50,6 +50,7 @@ FACTORIES = {"ours": "bot.inference.local.batched:batched_engine",
              "before": "bot.inference.local.llama:llama_engine"}
 BEFORE_WORKERS = 2
 START_SECONDS = 60.0
+READ_SECONDS = 900.0
 # Channels whose greedy reply ends early are replaced; at most this many candidates per channel.
 CANDIDATES_PER_CHANNEL = 4
 _PR_SET_PDEATHSIG = 1
@@ -252,7 +253,10 @@ async def _drive_server(url: str, process: subprocess.Popen[bytes], requests: Se
                         log: Path) -> tuple[Burst, dict[str, Any]]:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=120)) as session:
+    # A warm-up request waits silently while the slots before it evaluate their prompts: on a busy
+    # machine that took minutes for 8 slots, so only a server that says nothing for long is given up.
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=READ_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
         await wait_healthy(session, url, process, log)
         async with session.get(f"{url}/props") as response:
             props = await response.json()
