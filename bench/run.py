@@ -1376,12 +1376,12 @@ def report(results: dict[str, Any]) -> str:
                      f"{d['frozen_gc_collections'][2]}).")
     if "memory" in results:
         m = results["memory"]
-        contexts = {(r["count"], r["n_batch"]): r for r in m["runs"] if r["engine"] == "llama"}
+        contexts = {(r["count"], r["n_batch"], r["kv_type"]): r for r in m["runs"] if r["engine"] == "llama"}
         for r in m["runs"]:
             if r["engine"] != "batched":
                 continue
             after = r["after"]
-            old = contexts.get((r["count"], r["n_batch"]))
+            old = contexts.get((r["count"], r["n_batch"], r["kv_type"]))
             row(f"6. memory, {r['count']} sequence(s) in one context, kv {r['kv_type']}, n_batch {r['n_batch']}: "
                 f"RSS / PSS / anonymous" + ("; vs as many llama-cpp-python contexts" if old else ""),
                 f"{mib(after['rss'])} / {mib(after['pss'])} / {mib(after['anon'])}",
