@@ -1,4 +1,4 @@
-"""Experiment (benchmark 7): several channels decoded in one llama.cpp call, which the bot does not do.
+"""Experiment (benchmark 7): several channels decoded in one raw llama.cpp call (the bot: `local/batched.py`).
 
 Each channel's prompt is evaluated into its own sequence once (not timed); then every channel
 generates the same number of greedy tokens three ways, each run starting again right after the
