@@ -14,6 +14,7 @@ from bot.inference.api import Finished, GenerationRequest, Sampling, Started, Te
 from bot.inference.engine import Engine
 from bot.inference.local.batched import SequenceBackend, SharedContext, batched_engine
 from bot.inference.local.state_cache import StateCache
+from tests.test_engine_model import run
 
 pytestmark = pytest.mark.model
 
@@ -38,15 +39,7 @@ def request(engine: Engine, key: str, text: str, *, max_new: int = 32, **extra) 
 
 
 async def tokens_of(engine: Engine, req: GenerationRequest) -> tuple[str, Finished, list]:
-    text, finished, events = "", None, []
-    async for chunk in engine.generate(req):
-        events.append(chunk)
-        if isinstance(chunk, Text):
-            text += chunk.text
-        elif isinstance(chunk, Finished):
-            finished = chunk
-    assert finished is not None
-    return text, finished, events
+    return await run(engine.generate(req))
 
 
 async def alone(path, requests: list[GenerationRequest], n_ctx: int = 1024) -> list[str]:

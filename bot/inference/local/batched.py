@@ -12,7 +12,6 @@ the state cache runs on the worker threads.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
@@ -28,14 +27,13 @@ import numpy as np
 from bot.config import CacheSettings, ModelSettings, Settings
 from bot.inference.api import Sampling
 from bot.inference.engine import Engine
-from bot.inference.local.llama import KV_TYPES, N_BATCH, state_cache
-from bot.inference.local.state_cache import SavedState, StateCache, os_buffer, worth_restoring
+from bot.inference.local.llama import KV_TYPES, N_BATCH, load_sequence_state, sequence_state, state_cache
+from bot.inference.local.state_cache import SavedState, StateCache, worth_restoring
 from bot.inference.window import common_prefix
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_BYTE_POINTER = ctypes.POINTER(ctypes.c_uint8)
 # Tokens of the prompt fed to a sequence's repetition penalty, as llama-cpp-python's default.
 PENALTY_LAST_N = 64
 _END = object()
@@ -166,7 +164,7 @@ class SharedContext:
             self._wake.notify()
         return future.result()
 
-    def release(self, _slot: SequenceBackend) -> None:
+    def release(self) -> None:
         """A sequence's Engine worker is done with it; the last one closes the model."""
         with self._wake:
             self._open -= 1
@@ -379,29 +377,19 @@ class SharedContext:
             del slot.held[keep:]
 
     def state_bytes(self, slot: SequenceBackend) -> memoryview:
-        """llama.cpp's state of `slot`'s sequence, copied into pages mapped for it (see LlamaBackend.state_bytes)."""
-        lib = self.lib
-        size = lib.llama_state_seq_get_size(self.ctx, slot.seq)
-        buffer = os_buffer(size)
-        target = (ctypes.c_uint8 * size).from_buffer(buffer)
-        written = lib.llama_state_seq_get_data(self.ctx, target, size, slot.seq)
-        del target
-        if written == 0 or written > size:
-            raise RuntimeError("llama.cpp could not copy the sequence state")
-        return memoryview(buffer)[:written].toreadonly()
+        """llama.cpp's state of `slot`'s sequence, as a read-only buffer."""
+        return sequence_state(self.lib, self.ctx, slot.seq)
 
     def restore(self, slot: SequenceBackend, saved: SavedState) -> None:
         """Load a saved state into `slot`'s sequence; on failure the sequence starts empty."""
-        lib = self.lib
-        lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
-        source = np.frombuffer(saved.data, dtype=np.uint8)
+        self.lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
         begin = time.perf_counter()
-        loaded = lib.llama_state_seq_set_data(self.ctx, source.ctypes.data_as(_BYTE_POINTER), source.size, slot.seq)
+        loaded = load_sequence_state(self.lib, self.ctx, slot.seq, saved.data)
         if self.cache is not None:
-            self.cache.record_load(source.size, time.perf_counter() - begin)
-        if loaded == 0:
+            self.cache.record_load(memoryview(saved.data).nbytes, time.perf_counter() - begin)
+        if not loaded:
             log.warning("could not restore a saved state of %d tokens; evaluating in full", len(saved.tokens))
-            lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
+            self.lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
             slot.held = []
         else:
             slot.held = list(saved.tokens)
@@ -445,10 +433,14 @@ class SequenceBackend:
         """Empty the sequence (its channel's state is not saved)."""
         self.shared.call(lambda: self.shared.trim(self, 0))
 
+    def _holder(self, key: str) -> SequenceBackend | None:
+        """Another sequence whose worker still holds `key` live (it has not switched away yet)."""
+        return next((s for s in self.shared.slots if s is not self and s.key == key), None)
+
     def cached_tokens(self, key: str) -> Sequence[int]:
         """Tokens of the KV cache a request of `key` starts from: its saved state, else the live one."""
         if self.key != key:
-            holder = next((s for s in self.shared.slots if s is not self and s.key == key), None)
+            holder = self._holder(key)
             saved = holder.held if holder is not None else self.cache.tokens(key) if self.cache is not None else None
             if saved is not None:
                 return saved
@@ -463,7 +455,7 @@ class SequenceBackend:
             with shared.switching:
                 self.save_current()
                 self.key = key
-                holder = next((s for s in shared.slots if s is not self and s.key == key), None)
+                holder = self._holder(key)
                 if holder is not None:
                     holder.key = None  # its worker will not save this channel again
                     saved = shared.call(lambda: SavedState(tuple(holder.held), shared.state_bytes(holder)))
@@ -560,7 +552,7 @@ class SequenceBackend:
 
     def close(self) -> None:
         """Give the sequence back; the last one frees the context and the model."""
-        self.shared.release(self)
+        self.shared.release()
 
 
 class _Sequences:

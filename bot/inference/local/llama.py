@@ -55,6 +55,30 @@ def llama_params(model_path: str, settings: ModelSettings, *, n_batch: int = N_B
     }
 
 
+def sequence_state(lib: Any, ctx: Any, seq: int) -> memoryview:
+    """llama.cpp's state of sequence `seq` of `ctx` (its KV cache), as a read-only buffer.
+
+    The state is tens of megabytes. llama.cpp copies it straight into pages mapped for it
+    (`os_buffer`) while the GIL is released: zeroing a ctypes array and copying it into `bytes`
+    would hold the GIL for tens of milliseconds and stall the event loop, and states taken from
+    the heap would leave it fragmented as they come and go.
+    """
+    size = lib.llama_state_seq_get_size(ctx, seq)
+    buffer = os_buffer(size)
+    target = (ctypes.c_uint8 * size).from_buffer(buffer)
+    written = lib.llama_state_seq_get_data(ctx, target, size, seq)
+    del target  # the buffer stays alive through the returned view only
+    if written == 0 or written > size:
+        raise RuntimeError("llama.cpp could not copy the sequence state")
+    return memoryview(buffer)[:written].toreadonly()
+
+
+def load_sequence_state(lib: Any, ctx: Any, seq: int, data: bytes | memoryview) -> bool:
+    """Load a state from `sequence_state` into sequence `seq` (emptied first); False if llama.cpp refused it."""
+    source = np.frombuffer(data, dtype=np.uint8)  # no copy: llama.cpp only reads it
+    return lib.llama_state_seq_set_data(ctx, source.ctypes.data_as(_BYTE_POINTER), source.size, seq) != 0
+
+
 class LlamaBackend:
     """A llama.cpp context over a memory-mapped GGUF (weights are shared between workers by mmap)."""
 
@@ -141,29 +165,14 @@ class LlamaBackend:
         self.cache.put(self.key, self.live_tokens(), self.state_bytes())
 
     def state_bytes(self) -> memoryview:
-        """llama.cpp's state of sequence 0 (the KV cache of the live tokens), as a read-only buffer.
-
-        The state is tens of megabytes. llama.cpp copies it straight into pages mapped for it
-        (`os_buffer`) while the GIL is released: zeroing a ctypes array and copying it into
-        `bytes` would hold the GIL for tens of milliseconds and stall the event loop, and states
-        taken from the heap would leave it fragmented as they come and go.
-        """
-        lib, ctx = self._llama_cpp, self.llm._ctx.ctx
-        size = lib.llama_state_seq_get_size(ctx, _SEQ)
-        buffer = os_buffer(size)
-        target = (ctypes.c_uint8 * size).from_buffer(buffer)
-        written = lib.llama_state_seq_get_data(ctx, target, size, _SEQ)
-        del target  # the buffer stays alive through the returned view only
-        if written == 0 or written > size:
-            raise RuntimeError("llama.cpp could not copy the sequence state")
-        return memoryview(buffer)[:written].toreadonly()
+        """llama.cpp's state of sequence 0 (the KV cache of the live tokens), as a read-only buffer."""
+        return sequence_state(self._llama_cpp, self.llm._ctx.ctx, _SEQ)
 
     def restore(self, tokens: Sequence[int], data: bytes | memoryview) -> None:
         """Load a state saved by `state_bytes` for `tokens`; on failure the context starts empty."""
         lib, llm = self._llama_cpp, self.llm
         llm._ctx.kv_cache_seq_rm(_SEQ, 0, -1)
-        source = np.frombuffer(data, dtype=np.uint8)  # no copy: llama.cpp only reads it
-        if lib.llama_state_seq_set_data(llm._ctx.ctx, source.ctypes.data_as(_BYTE_POINTER), source.size, _SEQ) == 0:
+        if not load_sequence_state(lib, llm._ctx.ctx, _SEQ, data):
             log.warning("could not restore a saved state of %d tokens; evaluating in full", len(tokens))
             llm._ctx.kv_cache_seq_rm(_SEQ, 0, -1)
             llm.n_tokens = 0
