@@ -1,6 +1,8 @@
 """The repository: each call is one function over a sync session, run whole by `Database.run`, with
 explicit commits and plain records out. Writes to a channel's sessions and turns take the channel's
-lock first (`persistence.locks`: a no-op on SQLite, where writers take turns anyway)."""
+lock first (`persistence.locks`: a no-op on SQLite, where writers take turns anyway). A row that two
+writers may create at once (a guild, a bot-wide value, a member's persona, a character's webhook) is
+written by one upsert, so on PostgreSQL the second writer updates it instead of breaking its key."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Integer, Row, Select, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -28,6 +31,7 @@ from persistence.errors import (
 )
 from persistence.locks import lock_channel, lock_session_channel, lock_turn_channel
 from persistence.models import (
+    Base,
     ChannelCharacterRow,
     ChannelLorebookRow,
     ChannelSessionRow,
@@ -303,6 +307,19 @@ def _swipe_update(turn_id: int, number: int) -> Any:
     return update(TurnSwipeRow).where(TurnSwipeRow.turn_id == turn_id, TurnSwipeRow.number == number)
 
 
+def _dialect_insert(s: Session, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into `model`'s table in the session's dialect, which can say what to do on a
+    conflict (`on_conflict_do_update` / `on_conflict_do_nothing`): PostgreSQL or SQLite.
+
+    Its ON CONFLICT update runs no `onupdate` defaults: an upsert that moves `updated_at` sets it."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise NotImplementedError(f"no upsert on {dialect}")
+
+
 def _add_guild_if_missing(s: Session, guild_id: int | None) -> None:
     if guild_id is not None and s.get(GuildRow, guild_id) is None:
         s.add(GuildRow(id=guild_id, name=""))
@@ -372,11 +389,12 @@ class Repository:
         """Create the guild row, or update its name."""
 
         def ensure(s: Session) -> None:
-            row = s.get(GuildRow, guild_id)
-            if row is None:
-                s.add(GuildRow(id=guild_id, name=name))
-            elif row.name != name:
-                row.name = name
+            insert = _dialect_insert(s, GuildRow).values(id=guild_id, name=name)
+            s.execute(insert.on_conflict_do_update(
+                index_elements=[GuildRow.id],
+                set_={"name": insert.excluded.name},
+                where=GuildRow.name != insert.excluded.name,  # the same name again writes nothing
+            ))
             s.commit()
 
         await self.db.run(ensure, write=True)
@@ -394,11 +412,12 @@ class Repository:
         """Store a bot-wide value."""
 
         def put(s: Session) -> None:
-            row = s.get(MetaRow, key)
-            if row is None:
-                s.add(MetaRow(key=key, value=value))
-            else:
-                row.value = value
+            insert = _dialect_insert(s, MetaRow).values(key=key, value=value)
+            s.execute(insert.on_conflict_do_update(
+                index_elements=[MetaRow.key],
+                set_={"value": insert.excluded.value, "updated_at": utcnow()},
+                where=MetaRow.value != insert.excluded.value,  # updated_at: when the value last changed
+            ))
             s.commit()
 
         await self.db.run(put, write=True)
@@ -1064,15 +1083,17 @@ class Repository:
         guild = NO_GUILD if guild_id is None else guild_id
 
         def put(s: Session) -> None:
-            row = s.get(UserPersonaRow, (guild, user_id))
             if text is None:
-                if row is not None:
-                    s.delete(row)
-            elif row is None:
-                s.add(UserPersonaRow(guild_id=guild, user_id=user_id, text=text))
+                s.execute(delete(UserPersonaRow).where(UserPersonaRow.guild_id == guild,
+                                                       UserPersonaRow.user_id == user_id))
             else:
-                row.text = text
-                row.updated_at = utcnow()
+                insert = _dialect_insert(s, UserPersonaRow).values(
+                    guild_id=guild, user_id=user_id, text=text, updated_at=utcnow()
+                )
+                s.execute(insert.on_conflict_do_update(
+                    index_elements=[UserPersonaRow.guild_id, UserPersonaRow.user_id],
+                    set_={"text": insert.excluded.text, "updated_at": insert.excluded.updated_at},
+                ))
             s.commit()
 
         await self.db.run(put, write=True)
@@ -1100,13 +1121,23 @@ class Repository:
         character does not exist."""
 
         def save(s: Session) -> CharacterWebhook:
-            row = s.get(CharacterWebhookRow, (webhook.channel_id, webhook.persona_id))
-            if row is None:
-                row = CharacterWebhookRow(channel_id=webhook.channel_id, persona_id=webhook.persona_id)
-                s.add(row)
-            row.webhook_id, row.token, row.avatar_sha = webhook.webhook_id, webhook.token, webhook.avatar_sha
+            insert = _dialect_insert(s, CharacterWebhookRow).values(
+                channel_id=webhook.channel_id,
+                persona_id=webhook.persona_id,
+                webhook_id=webhook.webhook_id,
+                token=webhook.token,
+                avatar_sha=webhook.avatar_sha,
+            )
+            upsert = insert.on_conflict_do_update(
+                index_elements=[CharacterWebhookRow.channel_id, CharacterWebhookRow.persona_id],
+                set_={
+                    "webhook_id": insert.excluded.webhook_id,
+                    "token": insert.excluded.token,
+                    "avatar_sha": insert.excluded.avatar_sha,
+                },
+            )
             try:
-                s.flush()
+                row = s.scalars(upsert.returning(CharacterWebhookRow)).one()
             except IntegrityError as error:
                 s.rollback()
                 if s.get(PersonaRow, webhook.persona_id) is None:

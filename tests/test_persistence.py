@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from persistence import (
     ChannelSession,
+    CharacterWebhook,
     Database,
     DuplicateMessage,
     Persona,
@@ -650,6 +651,74 @@ async def test_meta_values_round_trip(db_url: str) -> None:
         assert await repo.get_meta("commands") == "def"
     finally:
         await db.close()
+
+
+# --- one key written by many writers at once -------------------------------------------------------
+
+# Writers of one key at once, half of them in each of two processes.
+WRITERS = 20
+
+
+@pytest.fixture
+async def two_processes(db_url: str) -> AsyncIterator[list[Repository]]:
+    """Two repositories on one database, each with an engine and pool of its own, as two bot processes."""
+    dbs = [await Database.open(db_url) for _ in range(2)]
+    try:
+        yield [Repository(db) for db in dbs]
+    finally:
+        for db in dbs:
+            await db.close()
+
+
+async def _rows(repo: Repository, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    return await repo.db.run(lambda s: [tuple(row) for row in s.execute(text(sql), params).all()])
+
+
+async def test_a_guild_ensured_by_many_writers_at_once_is_stored_once(two_processes: list[Repository]) -> None:
+    names = [f"Tavern {i}" for i in range(WRITERS)]
+    await asyncio.gather(*(two_processes[i % 2].ensure_guild(GUILD, name) for i, name in enumerate(names)))
+    [(name,)] = await _rows(two_processes[0], "SELECT name FROM guilds WHERE id = :id", id=GUILD)
+    assert name in names
+
+
+async def test_a_meta_value_set_by_many_writers_at_once_is_stored_once(two_processes: list[Repository]) -> None:
+    values = [f"digest {i}" for i in range(WRITERS)]
+    await asyncio.gather(*(two_processes[i % 2].set_meta("commands", value) for i, value in enumerate(values)))
+    [(value,)] = await _rows(two_processes[0], "SELECT value FROM meta WHERE key = 'commands'")
+    assert value in values and await two_processes[1].get_meta("commands") == value
+
+
+async def test_a_member_persona_set_by_many_writers_at_once_is_stored_once(two_processes: list[Repository]) -> None:
+    texts = [f"Alice, take {i}." for i in range(WRITERS)]
+    await asyncio.gather(*(two_processes[i % 2].set_user_persona(GUILD, USER, t) for i, t in enumerate(texts)))
+    query = "SELECT text FROM user_personas WHERE guild_id = :guild AND user_id = :user"
+    [(stored,)] = await _rows(two_processes[0], query, guild=GUILD, user=USER)
+    assert stored in texts and await two_processes[1].get_user_persona(GUILD, USER) == stored
+
+    # Removals among the writes: the member ends with one of the texts or none, never two.
+    mixed = [None if i % 3 else f"Alice, retake {i}." for i in range(WRITERS)]
+    await asyncio.gather(*(two_processes[i % 2].set_user_persona(GUILD, USER, t) for i, t in enumerate(mixed)))
+    rows = await _rows(two_processes[0], query, guild=GUILD, user=USER)
+    assert rows in ([], *([(t,)] for t in mixed if t is not None))
+
+
+async def test_a_character_webhook_saved_by_many_writers_at_once_is_stored_once(
+    two_processes: list[Repository],
+) -> None:
+    mira = await two_processes[0].create_persona(GUILD, "Mira", "A ranger.")
+    channel = 555_555_555_555_555_555
+    webhooks = [CharacterWebhook(channel, mira.id, 70 + i, f"token-{i}", f"{i:064x}") for i in range(WRITERS)]
+    saved = await asyncio.gather(*(two_processes[i % 2].save_character_webhook(w) for i, w in enumerate(webhooks)))
+    assert saved == webhooks  # each writer is handed back what it stored
+    query = "SELECT webhook_id FROM character_webhooks WHERE channel_id = :channel AND persona_id = :persona"
+    [(webhook_id,)] = await _rows(two_processes[0], query, channel=channel, persona=mira.id)
+    assert await two_processes[1].get_character_webhook(channel, mira.id) == webhooks[webhook_id - 70]
+
+    missing = [CharacterWebhook(channel, 9999, 90 + i, f"token-{i}") for i in range(WRITERS)]
+    results = await asyncio.gather(
+        *(two_processes[i % 2].save_character_webhook(w) for i, w in enumerate(missing)), return_exceptions=True
+    )
+    assert all(isinstance(result, PersonaNotFound) for result in results), results
 
 
 async def test_migration_0002_marks_reserved_reply_turns_pending(tmp_path: Path) -> None:
