@@ -12,7 +12,7 @@ import difflib
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -124,6 +124,24 @@ class DiscordSettings(_Section):
     )
     cooldown_messages: int = Field(5, ge=0, le=1000, description="messages one user may send per window; 0 = off")
     cooldown_seconds: float = Field(30.0, gt=0, le=3600, description="the per-user rate window")
+    shard_count: int = Field(
+        0, ge=-1, le=65536, description="shards of the whole bot: 0 = unsharded, -1 = Discord's recommendation"
+    )
+    shard_ids: list[int] = Field(
+        default_factory=list, description="the shards this process runs; empty = all of them"
+    )
+
+    @model_validator(mode="after")
+    def _shards(self) -> DiscordSettings:
+        if not self.shard_ids:
+            return self
+        if self.shard_count <= 0:
+            raise ValueError("shard_ids needs shard_count set to the number of shards of the whole bot")
+        if len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError("shard_ids lists a shard twice")
+        if not all(0 <= shard < self.shard_count for shard in self.shard_ids):
+            raise ValueError(f"shard_ids must be between 0 and {self.shard_count - 1} (shard_count - 1)")
+        return self
 
 
 class CharacterSettings(_Section):
@@ -164,6 +182,11 @@ class InferenceSettings(_Section):
     )
     health_interval_seconds: float = Field(10.0, gt=0, le=3600, description="pause between health checks")
     load_wait_seconds: float = Field(300.0, ge=0, le=3600, description="how long to wait for a server still loading")
+    slot_ids: list[int] = Field(
+        default_factory=list,
+        description="llama-server slots this process uses on each server; empty = all (give each process sharing "
+        "a server slots of its own)",
+    )
 
     @field_validator("servers")
     @classmethod
@@ -180,6 +203,10 @@ class InferenceSettings(_Section):
     def _servers_for_remote(self) -> InferenceSettings:
         if self.backend != "local" and not self.servers:
             raise ValueError(f"backend = {self.backend!r} needs at least one URL in servers")
+        if self.slot_ids and self.slots_per_server:
+            raise ValueError("set slot_ids or slots_per_server, not both (slot_ids gives the slots themselves)")
+        if len(set(self.slot_ids)) != len(self.slot_ids) or any(i < 0 for i in self.slot_ids):
+            raise ValueError("slot_ids must be distinct slot numbers from 0")
         return self
 
 
@@ -239,7 +266,8 @@ def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"environment ({name}): no such setting{hint}")
         section, key = known[name]
         raw: Any = value
-        if key in ("command_guilds", "servers"):
+        section_model = Settings.model_fields[section].annotation
+        if get_origin(section_model.model_fields[key].annotation) is list:  # type: ignore[union-attr]
             raw = [part.strip() for part in value.split(",") if part.strip()]
         out.setdefault(section, {})[key] = raw
     return out

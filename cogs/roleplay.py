@@ -124,8 +124,14 @@ class Roleplay(commands.Cog):
     @commands.Cog.listener()
     async def on_ready(self) -> None:
         """After a restart or a new gateway session: answer what a crash or the time away left hanging."""
-        if self.bot.accepting:
+        if self.bot.accepting and not self.bot.sharding.sharded:
             await self.bot.recovery.resume(self.bot.get_channel)
+
+    @commands.Cog.listener()
+    async def on_shard_ready(self, shard_id: int) -> None:
+        """The same for the guilds of one shard (a sharded bot gets no `on_ready` when one shard reconnects)."""
+        if self.bot.accepting:
+            await self.bot.recovery.resume(self.bot.get_channel, self.bot.shard_guilds(shard_id))
 
 
 async def setup(bot: TavernBot) -> None:

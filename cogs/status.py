@@ -9,6 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_front.keys import interaction_channel_key
+from bot.discord_front.shards import shard_of
 
 if TYPE_CHECKING:
     from bot.discord_front.client import TavernBot
@@ -58,6 +59,9 @@ class Status(commands.Cog):
             f"**Uptime:** {uptime}",
             f"**This channel:** {here}",
         ]
+        if self.bot.sharding.sharded and self.bot.shard_count:
+            shard = shard_of(interaction.guild_id, self.bot.shard_count)
+            lines.insert(-1, f"**Shard:** {shard} of {self.bot.shard_count}")
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
 

@@ -113,9 +113,10 @@ class Tavern:
     bob: simcord.MemberActor
 
 
-def tavern_guild(env: simcord.Env, name: str = "Tavern") -> Tavern:
-    """Build a guild with #roleplay, Admin (GM role with Manage Server), Alice and Bob."""
-    guild = env.create_guild(name)
+def tavern_guild(env: simcord.Env, name: str = "Tavern", *, shard_id: int | None = None) -> Tavern:
+    """Build a guild with #roleplay, Admin (GM role with Manage Server), Alice and Bob (on shard
+    `shard_id` of a sharded bot, when given)."""
+    guild = env.create_guild(name, shard_id=shard_id)
     channel = guild.create_text_channel("roleplay")
     gm = guild.create_role("GM", permissions=discord.Permissions(manage_guild=True))
     admin = guild.add_member(env.create_user("Admin"), roles=[gm])

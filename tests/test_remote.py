@@ -12,6 +12,7 @@ import pytest
 from bot.config import InferenceSettings, Settings
 from bot.errors import GenerationFailed
 from bot.inference.api import Finished, GenerationRequest, Sampling, Started, Text
+from bot.inference.engine import ModelLoadError
 from bot.inference.remote.backend import RemoteEngine, load_vocabulary
 from tests.llama_server import LlamaServer, server_binary
 
@@ -226,3 +227,36 @@ async def test_two_servers_one_going_down_moves_its_channel_without_a_notice(
         assert engine.pool.servers[0].healthy is False and "first" in engine.pool.servers[1].channels
     finally:
         await engine.close(grace=1)
+
+
+async def test_processes_sharing_a_server_keep_to_their_own_slots(
+    server: LlamaServer, vocab, demo_model_path: Path
+) -> None:
+    """Two bot processes (shards) on one server, each with `inference.slot_ids` of its own: their
+    channels talk at once, and each second turn still finds its whole first prompt in its slot's cache."""
+    settings = [settings_for(server.url).model_copy(deep=True) for _ in range(2)]
+    for ids, each in zip(([0], [1]), settings, strict=True):
+        each.inference.slot_ids = ids
+    engines = [await started(each, demo_model_path) for each in settings]
+    try:
+        assert [e.workers for e in engines] == [1, 1]
+        firsts = [prompt_of(vocab, f"<|im_start|>user\nName a {animal}.<|im_end|>\n<|im_start|>assistant\n".encode())
+                  for animal in ("bird", "fish")]
+        for turn in range(2):
+            prompts = [first + prompt_of(vocab, b"Go on.") * turn for first in firsts]
+            await asyncio.gather(*(reply(e, request(f"shard{i}", p, max_new_tokens=4))
+                                   for i, (e, p) in enumerate(zip(engines, prompts, strict=True))))
+        for engine, first in zip(engines, firsts, strict=True):
+            assert engine.last_stats is not None and engine.last_stats.reused_tokens >= len(first)
+        used = {slot["id"] for slot in server.get("/slots") if "id_task" in slot}  # type: ignore[union-attr]
+        assert used == {0, 1}
+    finally:
+        for engine in engines:
+            await engine.close(grace=1)
+
+
+async def test_a_slot_the_server_does_not_have_stops_the_start(server: LlamaServer, demo_model_path: Path) -> None:
+    settings = settings_for(server.url)
+    settings.inference.slot_ids = [0, 5]
+    with pytest.raises(ModelLoadError, match=r"has 2 slots, so it has no slot 5 of inference\.slot_ids"):
+        await started(settings, demo_model_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import discord
@@ -21,6 +22,7 @@ from bot.discord_front.errors import install_error_handler
 from bot.discord_front.intake import Intake
 from bot.discord_front.recovery import Recovery
 from bot.discord_front.replies import ChannelReplies, ReplyButtons
+from bot.discord_front.shards import Shards, shard_of
 from bot.discord_front.webhooks import CharacterVoices, RepositoryWebhooks
 from bot.inference.engine import Engine
 from persistence.database import Database
@@ -65,6 +67,7 @@ class TavernBot(commands.Bot):
     ) -> None:
         # Message Content is the only privileged intent: message authors and interaction users come
         # with their member data and permissions, so no member list is fetched or cached.
+        self.sharding = Shards.of(settings.discord)
         intents = discord.Intents.default()
         intents.message_content = True
         super().__init__(
@@ -75,6 +78,7 @@ class TavernBot(commands.Bot):
             # Generated text may contain @everyone or role mentions: never let any of them ping.
             allowed_mentions=discord.AllowedMentions.none(),
             max_ratelimit_timeout=MAX_RATELIMIT_WAIT,
+            **(self.sharding.client_options() if isinstance(self, discord.AutoShardedClient) else {}),
         )
         self.settings = settings
         self.engine = engine
@@ -95,7 +99,8 @@ class TavernBot(commands.Bot):
                                       self.intake.own_webhook_ids)
         self.replies.voices = self.voices
         # Answers what a crash or an outage left unanswered (see `cogs.roleplay.Roleplay.on_ready`).
-        self.recovery = Recovery(self.service, self.replies, self.intake, settings.discord)
+        self.recovery = Recovery(self.service, self.replies, self.intake, settings.discord,
+                                 owns=self.sharding.owns)
         self.started_at = discord.utils.utcnow()
         self._shutting_down = False
 
@@ -127,7 +132,13 @@ class TavernBot(commands.Bot):
         await self.sync_commands()
 
     async def sync_commands(self) -> None:
-        """Sync slash commands: to `discord.command_guilds` at once, else globally when they changed."""
+        """Sync slash commands: to `discord.command_guilds` at once, else globally when they changed.
+
+        With several shard processes only the one running shard 0 syncs.
+        """
+        if not self.sharding.syncs_commands:
+            log.info("slash commands are synced by the process running shard 0")
+            return
         guild_ids = self.settings.discord.command_guilds
         for guild_id in guild_ids:
             guild = discord.Object(id=guild_id)
@@ -161,6 +172,11 @@ class TavernBot(commands.Bot):
         assert self.user is not None
         log.info("logged in as %s (%s) in %d guilds", self.user, self.user.id, len(self.guilds))
 
+    def shard_guilds(self, shard_id: int) -> Callable[[int | None], bool]:
+        """Whether a guild (None: direct messages) is on shard `shard_id` of the connected bot."""
+        count = self.shard_count or 1
+        return lambda guild_id: shard_of(guild_id, count) == shard_id
+
     @property
     def accepting(self) -> bool:
         """False once shutdown has begun: new messages and clicks are not taken."""
@@ -182,6 +198,10 @@ class TavernBot(commands.Bot):
         await self.close()
 
 
+class ShardedTavernBot(TavernBot, commands.AutoShardedBot):
+    """Tavernkeep over discord.py's AutoShardedBot: the shards of `discord.shard_ids` in one process."""
+
+
 def create_bot(
     settings: Settings,
     *,
@@ -193,11 +213,13 @@ def create_bot(
     """Build the bot over a started engine and an open database.
 
     `edit_interval` is the pause between streaming edits of a reply, in seconds; `reply_delay`, if
-    given, replaces `discord.reply_delay_seconds`.
+    given, replaces `discord.reply_delay_seconds`. With `discord.shard_count` set the bot is an
+    AutoShardedBot running the shards of `discord.shard_ids`.
     If `discord.api_base_url` is set, REST calls go there (e.g. a rate-limit proxy). discord.py keeps
     that base in the class attribute `discord.http.Route.BASE`, so it applies to the whole process.
     """
     if settings.discord.api_base_url:
         discord.http.Route.BASE = settings.discord.api_base_url.rstrip("/")
         log.info("Discord REST calls go to %s", discord.http.Route.BASE)
-    return TavernBot(settings, engine=engine, database=database, edit_interval=edit_interval, reply_delay=reply_delay)
+    kind = ShardedTavernBot if settings.discord.shard_count else TavernBot
+    return kind(settings, engine=engine, database=database, edit_interval=edit_interval, reply_delay=reply_delay)

@@ -18,6 +18,9 @@ Two things can leave a roleplay channel without an answer when the bot starts ag
   order and answered by one reply, or left alone when `discord.catch_up` is "skip". Message ids are
   unique in the store and the channel's storing lock is held throughout, so nothing is stored or
   answered twice, however often `on_ready` fires.
+
+A sharded bot does both for the guilds of its own shards only (other processes run the rest over
+the same database), shard by shard as each becomes ready (`on_shard_ready`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ NOTICE_KEY = "recovery.crash_notice.{session_id}"
 SCAN_TURNS = 16
 
 ChannelLookup = Callable[[int], object]
+# Picks guilds by id (None: direct messages).
+GuildFilter = Callable[[int | None], bool]
 
 
 def is_reserved_leftover(turn: Turn) -> bool:
@@ -74,12 +79,14 @@ class Recovery:
         settings: DiscordSettings,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        owns: GuildFilter = lambda _guild_id: True,
     ) -> None:
         self.service = service
         self.replies = replies
         self.intake = intake
         self.settings = settings
         self._clock = clock
+        self._owns = owns
         self._leftovers: dict[int, CrashLeftover] | None = None
         self._lock = asyncio.Lock()
 
@@ -89,7 +96,7 @@ class Recovery:
             return
         self._leftovers = {}
         oldest = self._clock() - timedelta(seconds=self.settings.recovery_max_age_seconds)
-        for session in await self.service.repo.list_active_sessions():
+        for session in await self._own_sessions():
             channel_id = channel_id_of(session.channel_key)
             if channel_id is None:
                 continue
@@ -119,29 +126,33 @@ class Recovery:
             unanswered = None
         return CrashLeftover(session, reserved, unanswered)
 
-    async def resume(self, get_channel: ChannelLookup) -> None:
-        """After READY: clear crash leftovers (first time only), catch up on missed messages, answer."""
+    async def resume(self, get_channel: ChannelLookup, guilds: GuildFilter = lambda _guild_id: True) -> None:
+        """After READY (of the shard whose guilds `guilds` picks): clear crash leftovers (once each),
+        catch up on missed messages, answer."""
         async with self._lock:
             if self._leftovers is None:
                 await self.scan()
-            leftovers, self._leftovers = self._leftovers or {}, {}
-            for session in await self.service.repo.list_active_sessions():
+            assert self._leftovers is not None
+            for session in await self._own_sessions():
                 channel_id = channel_id_of(session.channel_key)
-                if channel_id is None:
+                if channel_id is None or not guilds(session.guild_id):
                     continue
                 channel = get_channel(channel_id)
-                leftover = leftovers.pop(channel_id, None)
                 if not isinstance(channel, ReplyChannel):
                     log.debug("channel %s of session %s is not reachable", channel_id, session.id)
-                    if leftover is not None:
+                    if channel_id in self._leftovers:  # kept: a later READY may bring the channel
                         log.warning("channel %s was left unanswered by the last run but is not reachable now",
                                     channel_id)
-                        self._leftovers[channel_id] = leftover  # a later READY may bring the channel
                     continue
+                leftover = self._leftovers.pop(channel_id, None)
                 try:
                     await self._resume_channel(channel, session, leftover)
                 except Exception:
                     log.exception("cannot resume roleplay in channel %s (session %s)", channel_id, session.id)
+
+    async def _own_sessions(self) -> list[ChannelSession]:
+        """The active sessions of the guilds this process runs (all, unless the bot is sharded)."""
+        return [s for s in await self.service.repo.list_active_sessions() if self._owns(s.guild_id)]
 
     async def _resume_channel(
         self, channel: ReplyChannel, session: ChannelSession, leftover: CrashLeftover | None

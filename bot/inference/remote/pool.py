@@ -158,7 +158,7 @@ class ServerPool:
         default = next(len(s.slots) for s in self.servers if s.probed)
         for server in self.servers:
             if not server.probed:
-                server.slots = [Slot(i) for i in range(self.settings.slots_per_server or default)]
+                server.slots = self._slots(self.settings.slots_per_server or default)
         self._health = asyncio.get_running_loop().create_task(self._health_loop(), name="inference-health")
 
     async def close(self) -> None:
@@ -215,12 +215,20 @@ class ServerPool:
         if server.probed and n_ctx < server.n_ctx:
             log.warning("inference server %s came back with a context of %d tokens instead of %d: longer prompts "
                         "fail there until the bot is restarted", server.url, n_ctx, server.n_ctx)
+        beyond = [i for i in self.settings.slot_ids if info.slots and i >= info.slots]
+        if beyond:
+            raise ServerFailed(f"has {info.slots} slots, so it has no slot {beyond[0]} of inference.slot_ids")
         slots = self.settings.slots_per_server or info.slots or 1
-        if not server.probed or (len(server.slots) != slots and not server.running):
-            server.slots = [Slot(i) for i in range(slots)]
+        wanted = self._slots(slots)
+        if not server.probed or ([s.id for s in server.slots] != [s.id for s in wanted] and not server.running):
+            server.slots = wanted
         server.n_ctx, server.model, server.probed = n_ctx, info.model, True
         log.info("inference server %s: %s, %d tokens of context per reply, %d at once",
                  server.url, info.model or "model", n_ctx, len(server.slots))
+
+    def _slots(self, count: int) -> list[Slot]:
+        """The slots this process uses on a server of `count`: those of `inference.slot_ids`, else all."""
+        return [Slot(i) for i in self.settings.slot_ids or range(count)]
 
     async def tokenize(self, server: Server, text: str) -> list[int] | None:
         """The server's tokens of `text` (no special-token parsing, no BOS); None when it cannot tokenize."""
