@@ -322,8 +322,7 @@ def _dialect_insert(s: Session, model: type[Base]) -> postgresql.Insert | sqlite
 
 def _add_guild_if_missing(s: Session, guild_id: int | None) -> None:
     if guild_id is not None and s.get(GuildRow, guild_id) is None:
-        s.add(GuildRow(id=guild_id, name=""))
-        s.flush()
+        s.execute(_dialect_insert(s, GuildRow).values(id=guild_id, name="").on_conflict_do_nothing())
 
 
 def _session_row(s: Session, session_id: int) -> ChannelSessionRow:
