@@ -11,17 +11,10 @@ and that the reply was stored whole or, when the grace period is too short, as i
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import queue
 import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import simcord
@@ -31,59 +24,12 @@ from bot.discord_front.client import create_bot
 from bot.discord_front.recovery import CRASH_NOTICE
 from persistence.database import Database
 from persistence.records import CharacterWebhook, Role, TurnStatus
+from tests.child_process import Child
 from tests.crash_child import SAID, STORY, build_world, placeholder_bot
 from tests.discord_fixtures import bot_env, bot_messages, start_session, stored_turns, tavern_guild
 from tests.fake_backend import FakeBackend, fake_engine
 
-ROOT = Path(__file__).resolve().parent.parent
 FRESH_REPLY = "Ah, the north road. Mind the bridge, it sways."
-
-
-class Child:
-    """A running `tests.crash_child` and the events it prints (read by a thread, so waits can time out)."""
-
-    def __init__(self, db_file: Path, *, grace: float) -> None:
-        self.log = db_file.with_suffix(".stderr")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        with self.log.open("w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.crash_child", str(db_file), str(grace)],
-                cwd=db_file.parent, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
-            )
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.events.put(json.loads(line))
-
-    def wait_for(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
-        """The next event, which must be `name`."""
-        try:
-            event = self.events.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no {name!r} from the child within {timeout}s:\n{self.stderr()}") from None
-        assert event["event"] == name, (event, self.stderr())
-        return event
-
-    def send(self, sig: signal.Signals, timeout: float = 30.0) -> int:
-        """Send `sig` and return the exit code (negative: killed by a signal)."""
-        self.process.send_signal(sig)
-        return self.process.wait(timeout)
-
-    def stderr(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 @dataclass(frozen=True)
@@ -138,7 +84,7 @@ def test_killed_mid_reply_leaves_a_sound_store_and_the_channel_is_answered_once(
     tmp_path: Path, after_crash: str
 ) -> None:
     db_file = tmp_path / "tavernkeep.db"
-    with Child(db_file, grace=30) as child:
+    with Child("tests.crash_child", str(db_file), "30", log=db_file.with_suffix(".stderr")) as child:
         world = child.wait_for("world")
         started = child.wait_for("generating")
         assert child.send(signal.SIGKILL) == -signal.SIGKILL
@@ -177,7 +123,7 @@ def test_killed_mid_reply_leaves_a_sound_store_and_the_channel_is_answered_once(
 @pytest.mark.parametrize("grace", [30.0, 0.2])
 def test_sigterm_mid_reply_exits_0_with_the_reply_stored(tmp_path: Path, grace: float) -> None:
     db_file = tmp_path / "tavernkeep.db"
-    with Child(db_file, grace=grace) as child:
+    with Child("tests.crash_child", str(db_file), str(grace), log=db_file.with_suffix(".stderr")) as child:
         child.wait_for("world")
         started = child.wait_for("generating")
         assert started["webhook"] is not None, "the reply was not posted through the character's webhook"
