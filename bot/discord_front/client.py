@@ -170,7 +170,11 @@ class TavernBot(commands.Bot):
     async def on_ready(self) -> None:
         """Log where the bot is."""
         assert self.user is not None
-        log.info("logged in as %s (%s) in %d guilds", self.user, self.user.id, len(self.guilds))
+        shards = ""
+        if self.sharding.sharded:
+            ids = self.shard_ids or range(self.shard_count or 1)
+            shards = f", shards {','.join(map(str, ids))} of {self.shard_count}"
+        log.info("logged in as %s (%s) in %d guilds%s", self.user, self.user.id, len(self.guilds), shards)
 
     def shard_guilds(self, shard_id: int) -> Callable[[int | None], bool]:
         """Whether a guild (None: direct messages) is on shard `shard_id` of the connected bot."""
