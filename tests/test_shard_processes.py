@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from contextlib import ExitStack
 from pathlib import Path
 
 from bot.discord_front.keys import channel_id_of
@@ -48,11 +49,15 @@ async def stored(db_url: str) -> dict[int | None, list[tuple[Role, TurnStatus, s
 
 
 def test_two_shard_processes_answer_their_own_guilds_once_across_a_restart(db_url: str, tmp_path: Path) -> None:
-    with start(0, db_url, tmp_path) as north, start(1, db_url, tmp_path) as south:
+    with ExitStack() as children:
+        north = children.enter_context(start(0, db_url, tmp_path))
         world = north.wait_for("world")
+        # The second starts once the first has created the database (processes starting together on
+        # a fresh PostgreSQL database are tested in test_postgres.py).
+        assert north.wait_for("ready", timeout=60)["shown"] == {"North": [], "South": []}
+        south = children.enter_context(start(1, db_url, tmp_path))
         assert south.wait_for("world") == world, "SimCord gave the two worlds other ids"
-        for child in (north, south):
-            assert child.wait_for("ready", timeout=60)["shown"] == {"North": [], "South": []}
+        assert south.wait_for("ready", timeout=60)["shown"] == {"North": [], "South": []}
 
         # Both talk at once; each process answers its own guild.
         shown = say([north, south], "North", "Good evening.")
