@@ -132,8 +132,12 @@ class SharedContext:
         self.prompt_tokens = 0
         self.prompt_seconds = 0.0
         self._in_batch: list[SequenceBackend] = []
+        # llama.cpp calls the abort callback before every graph node (about 600 per decode of the demo
+        # model), each call taking the GIL: it is set only for decodes that evaluate prompt tokens,
+        # which may run for seconds. A decode of next tokens alone is one step; stops wait for its end.
         self._abort = llama_cpp.ggml_abort_callback(self._should_abort)
-        llama_cpp.llama_set_abort_callback(self.ctx, self._abort, None)
+        self._no_abort = llama_cpp.ggml_abort_callback(0)
+        self._abort_set = False
         self.slots = [SequenceBackend(self, seq) for seq in range(sequences)]
         self._handed_out = 0
         self.switching = threading.Lock()
@@ -265,6 +269,9 @@ class SharedContext:
         while start < len(entries):
             part = entries[start : start + size]
             prompt_tokens = sum(1 for _, _, slot, _ in part if slot.reply and slot.reply.next_token is None)
+            if (prompt_tokens > 0) != self._abort_set:
+                self._abort_set = prompt_tokens > 0
+                self.lib.llama_set_abort_callback(self.ctx, self._abort if self._abort_set else self._no_abort, None)
             begin = time.perf_counter()
             result = self._decode_once(part)
             if result == 1 and size > 1:
