@@ -7,6 +7,7 @@ import importlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from bot.discord_front.replies import (
     CONTINUE_ID,
     EMPTY_NOTICE,
     FAILED_NOTICE,
+    LOADING_NOTICE,
     NOT_IN_SESSION,
     QUEUE_NOTICE,
     REGENERATE_ID,
@@ -31,6 +33,7 @@ from bot.discord_front.replies import (
 )
 from bot.discord_front.replies.buttons import SWIPE_COUNT_ID, SWIPE_NEXT_ID, SWIPE_PREV_ID
 from bot.errors import GenerationFailed
+from bot.inference.api import WAIT_TOKEN
 from persistence.database import Database
 from persistence.records import Role, TurnStatus
 from tests.discord_fixtures import (
@@ -509,6 +512,28 @@ async def test_queue_position_is_shown_while_waiting(db_url: str) -> None:
         assert len(waiting) == 1
         assert [m.content for m in bot_messages(tavern.channel)][-1] == "Patience is a virtue, traveller."
         assert [m.content for m in bot_messages(cellar)] == ["Patience is a virtue, traveller."] * 2
+
+
+class LoadingBackend(FakeBackend):
+    """A model that is not ready at first (an inference server loading it): WAIT_TOKEN, then the reply."""
+
+    def tokens(self, prompt, sampling, stop=lambda: False):
+        yield WAIT_TOKEN
+        time.sleep(0.2)
+        yield from super().tokens(prompt, sampling, stop)
+
+
+async def test_a_model_still_loading_is_shown_and_the_notice_goes_when_the_reply_comes(db_url: str) -> None:
+    async with bot_env(db_url, backend=LoadingBackend("Ready at last.")) as t:
+        tavern = tavern_guild(t.env)
+        await start_session(t, tavern)
+        await tavern.alice.send(tavern.channel, "Hello?")
+        shown = [r for r in t.env.http_requests
+                 if r.method == "POST" and (r.json or {}).get("content") == LOADING_NOTICE]
+        assert len(shown) == 1
+        assert [m.content for m in bot_messages(tavern.channel)] == ["Ready at last."]  # the notice is gone
+        [_, turn] = await stored_turns(t, tavern.channel)
+        assert (turn.status, turn.content) == (TurnStatus.COMPLETE, "Ready at last.")
 
 
 async def test_shutdown_lets_the_running_reply_finish_as_interrupted(db_url: str) -> None:

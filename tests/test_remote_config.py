@@ -139,7 +139,11 @@ async def test_a_loading_server_is_waited_out_at_start_and_during_a_reply(serve,
     try:
         assert engine.n_ctx == 512 and engine.workers == 1
         fake.loading = 2  # reloading its model
-        assert await reply_text(engine, (1, 2, 3)) == "Hello"
+        request = GenerationRequest(key="c", tokens=(1, 2, 3), max_new_tokens=8, sampling=Sampling(seed=1))
+        chunks = [chunk async for chunk in engine.generate(request)]
+        kinds = [type(c).__name__ for c in chunks]
+        assert kinds == ["Started", "Waiting", "Text", "Text", "Finished"]  # told once, while it loads
+        assert "".join(c.text for c in chunks if isinstance(c, Text)) == "Hello"
         assert engine.last_stats is not None and engine.last_stats.stop_reason == "eos"
     finally:
         await engine.close(grace=1)

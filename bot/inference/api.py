@@ -92,6 +92,11 @@ class Queued:
 
 
 @dataclass(frozen=True, slots=True)
+class Waiting:
+    """The request's model is not ready yet (an inference server still loading it); text follows."""
+
+
+@dataclass(frozen=True, slots=True)
 class Started:
     """A worker took the request and chose its window (`window_start` as in GenerationStats)."""
 
@@ -116,7 +121,11 @@ class Finished:
     stats: GenerationStats
 
 
-Chunk = Queued | Started | Text | Finished
+Chunk = Queued | Started | Waiting | Text | Finished
+
+
+# Not a token: a backend yields it while its model is not ready yet (the engine emits `Waiting`).
+WAIT_TOKEN = -3
 
 
 class Backend(Protocol):

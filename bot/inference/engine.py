@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from bot.errors import ChannelQueueFull, EngineClosed, GenerationFailed, QueueFull, TavernError
 from bot.inference.api import (
+    WAIT_TOKEN,
     Backend,
     Chunk,
     Finished,
@@ -33,6 +34,7 @@ from bot.inference.api import (
     StopReason,
     Text,
     Tokenizer,
+    Waiting,
 )
 from bot.inference.stops import StopScanner
 from bot.inference.window import fit_window
@@ -84,6 +86,9 @@ def run_generation(
             if cancel.is_set():
                 reason = "cancelled"
                 break
+            if token == WAIT_TOKEN:
+                emit(Waiting())
+                continue
             if backend.is_end(token):
                 reason = "eos"
                 break

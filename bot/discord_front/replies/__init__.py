@@ -19,6 +19,7 @@ from bot.discord_front.replies.jobs import (
     ChannelReplies,
 )
 from bot.discord_front.replies.render import (
+    LOADING_NOTICE,
     MESSAGE_LIMIT,
     QUEUE_NOTICE,
     ReplyChannel,
@@ -34,6 +35,7 @@ __all__ = [
     "DISCORD_TROUBLE_NOTICE",
     "EMPTY_NOTICE",
     "FAILED_NOTICE",
+    "LOADING_NOTICE",
     "MESSAGE_LIMIT",
     "NOTHING_NEW_NOTICE",
     "NOTHING_TO_ADD_NOTICE",

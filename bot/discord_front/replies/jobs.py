@@ -36,6 +36,8 @@ from bot.discord_front.errors import send_error
 from bot.discord_front.keys import channel_key
 from bot.discord_front.replies.buttons import SLOW_DOWN, JobKind, PressCooldown, ReplyButtons
 from bot.discord_front.replies.render import (
+    LOADING_NOTICE,
+    QUEUE_NOTICE,
     BotPoster,
     MessageLost,
     Poster,
@@ -48,7 +50,7 @@ from bot.discord_front.replies.render import (
     typing_in,
 )
 from bot.errors import EngineClosed, TavernError
-from bot.inference.engine import Queued, Started, Text
+from bot.inference.api import Queued, Started, Text, Waiting
 from bot.prompt.builder import MessageTooLarge, PromptTooLarge
 from persistence.records import ChannelSession, Role, Turn
 
@@ -552,8 +554,12 @@ class ChannelReplies:
         try:
             async with typing_in(channel):
                 async for chunk in stream:
+                    if isinstance(chunk, Text) and notice.message is not None:
+                        await notice.remove()  # the model was loading: its text has come
                     if isinstance(chunk, Queued):
-                        await notice.show(chunk.position)
+                        await notice.show(QUEUE_NOTICE.format(position=chunk.position))
+                    elif isinstance(chunk, Waiting):
+                        await notice.show(LOADING_NOTICE)
                     elif isinstance(chunk, Started):
                         await notice.remove()
                     elif isinstance(chunk, Text) and time.perf_counter() >= next_edit:

@@ -25,6 +25,7 @@ ReplyChannel = discord.TextChannel | discord.Thread | discord.VoiceChannel | dis
 
 MESSAGE_LIMIT = 2000
 QUEUE_NOTICE = "Waiting for the model — position {position}"
+LOADING_NOTICE = "Waiting for the model server to load its model — the reply follows"
 
 
 # --- splitting ------------------------------------------------------------------------------------
@@ -290,16 +291,15 @@ async def delete_own(poster: Poster, message_id: int, own_deletes: set[int]) -> 
 
 
 class QueueNotice:
-    """The "Waiting for the model — position N" message of one reply."""
+    """The "Waiting for the model" message of one reply (its queue position, or a model loading)."""
 
     def __init__(self, channel: ReplyChannel, own_deletes: set[int]) -> None:
         self.channel = channel
         self.message: discord.Message | None = None
         self._own_deletes = own_deletes
 
-    async def show(self, position: int) -> None:
+    async def show(self, text: str) -> None:
         """Post or update the notice; a transient failure only skips this update."""
-        text = QUEUE_NOTICE.format(position=position)
         try:
             if self.message is None:
                 self.message = await self.channel.send(text)

@@ -22,9 +22,9 @@ from typing import Any
 
 from bot.config import Settings
 from bot.errors import GenerationFailed
-from bot.inference.api import GenerationStats, Sampling, Tokenizer
+from bot.inference.api import WAIT_TOKEN, GenerationStats, Sampling, Tokenizer
 from bot.inference.engine import Engine, ModelLoadError
-from bot.inference.remote.dialects import End, dialect
+from bot.inference.remote.dialects import End, Loading, dialect
 from bot.inference.remote.pool import ServerFailed, ServerPool
 from bot.inference.window import common_prefix
 
@@ -115,6 +115,9 @@ class RemoteBackend:
                     continue
                 if isinstance(event, BaseException):
                     raise event
+                if isinstance(event, Loading):
+                    yield WAIT_TOKEN
+                    continue
                 if isinstance(event, End):
                     if event.reason == "eos":
                         self._piece = b""

@@ -42,7 +42,12 @@ class Figures:
     timings: dict[str, Any]
 
 
-Event = Piece | Figures | End
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """The server is loading its model: the reply waits for it."""
+
+
+Event = Piece | Figures | End | Loading
 
 
 class StreamError(Exception):

@@ -22,7 +22,7 @@ import aiohttp
 from bot.config import InferenceSettings
 from bot.errors import GenerationFailed, PersonaTooLarge, TavernError
 from bot.inference.api import Sampling
-from bot.inference.remote.dialects import Dialect, End, Event, Figures, Piece, ServerInfo, StreamError
+from bot.inference.remote.dialects import Dialect, End, Event, Figures, Loading, Piece, ServerInfo, StreamError
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +414,7 @@ class ServerPool:
                     if loading_since is None:
                         loading_since = now
                         log.warning("inference server %s is loading its model; the reply waits", server.url)
+                        forward(Loading())
                     elif now - loading_since > self.settings.load_wait_seconds:
                         raise ServerLoading() from None
                     await asyncio.sleep(LOAD_POLL_SECONDS)
