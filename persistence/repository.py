@@ -321,7 +321,7 @@ def _dialect_insert(s: Session, model: type[Base]) -> postgresql.Insert | sqlite
 
 
 def _add_guild_if_missing(s: Session, guild_id: int | None) -> None:
-    if guild_id is not None and s.get(GuildRow, guild_id) is None:
+    if guild_id is not None:
         s.execute(_dialect_insert(s, GuildRow).values(id=guild_id, name="").on_conflict_do_nothing())
 
 
@@ -618,7 +618,8 @@ class Repository:
         try:
             return await self.db.run(start, write=True)
         except IntegrityError:
-            # Another writer added the guild first (possible on PostgreSQL): the second try finds it.
+            # Another writer deleted the persona between the check and the insert (possible on
+            # PostgreSQL): the second try says so (PersonaNotFound).
             return await self.db.run(start, write=True)
 
     async def _change_session(self, session_id: int, **values: Any) -> ChannelSession:
