@@ -75,11 +75,14 @@ def emit(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-async def _first_reply_message(env: simcord.Env, bot: TavernBot, world: World) -> discord.Message:
-    """Wait (real time, up to 20 s) until the reply's first message is posted and mapped to its turn."""
+async def first_reply_message(
+    env: simcord.Env, bot: TavernBot, channel: simcord.ChannelHandle, after: int = 0
+) -> discord.Message:
+    """Wait (real time, up to 20 s) until a reply's first message newer than `after` is posted and
+    mapped to its turn."""
     for _ in range(1000):
-        for message in bot_messages(env, world.channel):
-            if await bot.repo.turn_by_message(message.id):
+        for message in bot_messages(env, channel):
+            if message.id > after and await bot.repo.turn_by_message(message.id):
                 return message
         await asyncio.sleep(0.02)
     raise TimeoutError("the reply never started")
@@ -97,7 +100,7 @@ async def start_in_simcord(bot: TavernBot, _token: str) -> None:
             await bot.repo.start_session(channel_key(world.channel.id), guild_id=world.guild.id, persona_id=persona.id)
             # Not settled: the bot answers in the background while this process waits to be signalled.
             said = env.backend.create_message(world.channel.id, world.alice.id, SAID)
-            reply = await _first_reply_message(env, bot, world)
+            reply = await first_reply_message(env, bot, world.channel)
             emit("generating", said=said.id, reply=reply.id, webhook=reply.webhook_id)
             await closed.wait()  # SIGTERM: `serve` shuts the bot down gracefully
             emit("closed", shown=[m.content for m in bot_messages(env, world.channel)])

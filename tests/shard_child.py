@@ -32,7 +32,7 @@ import bot.__main__ as entry
 from bot import app
 from bot.discord_front.client import TavernBot
 from bot.discord_front.keys import channel_key
-from tests.crash_child import emit
+from tests.crash_child import emit, first_reply_message
 from tests.discord_fixtures import bot_messages, close_signal
 from tests.fake_backend import FakeBackend, fake_engine
 from tests.simcord_webhooks import discord_webhooks
@@ -103,18 +103,8 @@ async def follow(env: simcord.Env, bot: TavernBot, world: dict, shown) -> None:
             await env.settle()
             emit("settled", said=said.id, shown=shown())
             continue
-        await reply_started(env, bot, channel, said.id)
+        await first_reply_message(env, bot, channel, after=said.id)
         emit("generating", said=said.id, shown=shown())
-
-
-async def reply_started(env: simcord.Env, bot: TavernBot, channel: simcord.ChannelHandle, after: int) -> None:
-    """Wait (real time, up to 20 s) until a reply's first message after `after` is up and mapped to its turn."""
-    for _ in range(1000):
-        for message in bot_messages(env, channel):
-            if message.id > after and await bot.repo.turn_by_message(message.id):
-                return
-        await asyncio.sleep(0.02)
-    raise TimeoutError("the reply never started")
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from bot.discord_front.shards import Shards, shard_of
 from persistence.records import ChannelSession, Role, TurnStatus
 from tests.discord_fixtures import BotEnv, Tavern, bot_env, bot_messages, stored_turns, tavern_guild
 from tests.fake_backend import FakeBackend
+from tests.test_discord_recovery import cut_off
 
 FRESH = "The fire crackles; Mira looks up."
 SHARDED = Settings(discord=DiscordSettings(shard_count=2, shard_ids=[0]))
@@ -48,11 +49,7 @@ async def open_with_leftover(t: BotEnv, tavern: Tavern) -> ChannelSession:
     persona = await t.bot.repo.create_persona(tavern.guild.id, "Mira", "Mira is an elven ranger.")
     session = await t.bot.repo.start_session(channel_key(tavern.channel.id), guild_id=tavern.guild.id,
                                              persona_id=persona.id)
-    said = t.env.backend.create_message(tavern.channel.id, tavern.alice.id, "Are you there?", broadcast=False)
-    half = t.env.backend.create_message(tavern.channel.id, t.bot.user.id, "I was about to", broadcast=False)
-    await t.bot.repo.append_turn(session.id, Role.USER, "Are you there?", author_id=tavern.alice.id,
-                                 author_name="Alice", message_ids=[said.id])
-    await t.bot.repo.append_turn(session.id, Role.MODEL, "", status=TurnStatus.PENDING, message_ids=[half.id])
+    await cut_off(t, tavern, session)
     t.env.backend.create_message(tavern.channel.id, tavern.bob.id, "Hello? Anyone?", broadcast=False)
     return session
 
