@@ -341,7 +341,8 @@ class ServerPool:
     # ------------------------------------------------------------------ generation
 
     async def generate(self, key: str, prompt: list[int], sampling: Sampling, put: Callable[[object], None]) -> None:
-        """Stream the reply to `prompt` for `key` into `put` (Piece events, then one End), or put an exception.
+        """Stream the reply to `prompt` for `key` into `put` (Piece events, a Loading while the server loads
+        its model, then one End), or put an exception.
 
         When a server fails, the reply goes on on another healthy server: its prompt is the original
         one plus the reply text streamed so far.
